@@ -1,0 +1,137 @@
+"""The contract every dgkit algorithm implements.
+
+An algorithm is an ``nn.Module`` holding its networks and its research logic only. The
+``DGModule`` (a LightningModule) owns the loop, devices, precision, optimizers,
+schedulers, logging and checkpoints. Two ways to train:
+
+* automatic optimization (the default): implement ``training_loss(batch)`` and return a
+  loss (or a dict with a ``"loss"`` key plus extra values to log);
+* manual optimization (``manual_optimization = True``): implement
+  ``training_update(batch, opt)`` and drive the passes with the ``Optimization`` handle:
+  ``opt.backward(loss)``, ``opt.step()``, ``opt.zero_grad()``, ``opt.no_sync()``.
+  Never call Lightning or ``optimizer.step()`` directly.
+
+``forward(x)`` returns logits and is what validation, test and predict use.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from dgkit.networks import Backbone
+from dgkit.task import Task
+
+if TYPE_CHECKING:
+    from torch.optim import Optimizer
+
+StepOutput = Tensor | dict[str, Tensor]
+
+
+@dataclass
+class Batch:
+    """One training step: one minibatch per source domain, concatenated.
+
+    ``domain[i]`` indexes ``Task.source_domains``. ``per_domain()`` gives the
+    DomainBed-style list of ``(x, y)`` minibatches back.
+    """
+
+    x: Tensor
+    y: Tensor
+    domain: Tensor
+
+    def per_domain(self) -> list[tuple[Tensor, Tensor]]:
+        out = []
+        for d in torch.unique(self.domain, sorted=True).tolist():
+            mask = self.domain == d
+            out.append((self.x[mask], self.y[mask]))
+        return out
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+
+class Optimization:
+    """What a manual-optimization algorithm may do to its optimizers.
+
+    The module creates it; methods route through Lightning so precision, DDP gradient
+    sync and gradient clipping stay correct.
+    """
+
+    def __init__(self, optimizers: list[Optimizer], backward: Callable[[Tensor], None],
+                 step: Callable[[Optimizer], None], no_sync: Callable[[], contextlib.AbstractContextManager]):
+        self.optimizers = optimizers
+        self._backward, self._step, self._no_sync = backward, step, no_sync
+
+    @property
+    def optimizer(self) -> Optimizer:
+        """The main optimizer (the one built from ``--model.optimizer``)."""
+        return self.optimizers[0]
+
+    def backward(self, loss: Tensor) -> None:
+        self._backward(loss)
+
+    def step(self, optimizer: Optimizer | None = None) -> None:
+        """Clip (if configured) and step ``optimizer`` (default: the main one)."""
+        self._step(optimizer or self.optimizer)
+
+    def zero_grad(self, optimizer: Optimizer | None = None) -> None:
+        (optimizer or self.optimizer).zero_grad(set_to_none=True)
+
+    def no_sync(self) -> contextlib.AbstractContextManager:
+        """Context in which backward passes do not all-reduce gradients under DDP."""
+        return self._no_sync()
+
+
+class Algorithm(nn.Module):
+    """Base class of every algorithm; subclasses' ``__init__`` signatures are their CLI.
+
+    The first two parameters, ``task`` and ``backbone``, are supplied by the module; every
+    further keyword is a hyperparameter, exposed as ``--model.algorithm.<name>``.
+    """
+
+    manual_optimization: ClassVar[bool] = False
+
+    def __init__(self, task: Task, backbone: Backbone):
+        super().__init__()
+        self.task = task
+        self.backbone = backbone
+
+    # --- training -------------------------------------------------------------------
+    def training_loss(self, batch: Batch) -> StepOutput:
+        raise NotImplementedError(f"{type(self).__name__} must implement training_loss(batch)")
+
+    def training_update(self, batch: Batch, opt: Optimization) -> StepOutput:
+        raise NotImplementedError(
+            f"{type(self).__name__} sets manual_optimization = True and must implement "
+            "training_update(batch, opt)"
+        )
+
+    def parameter_groups(self) -> Iterable[nn.Parameter] | list[dict]:
+        """What the main optimizer optimizes (all trainable parameters by default)."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def extra_optimizers(self, make: Callable[..., Optimizer]) -> list[Optimizer]:
+        """Further optimizers (manual optimization only); ``make(params, **overrides)``
+        builds one of the configured optimizer class."""
+        return []
+
+    # --- inference ------------------------------------------------------------------
+    def forward(self, x: Tensor) -> Tensor:
+        raise NotImplementedError(f"{type(self).__name__} must implement forward(x) -> logits")
+
+    # --- helpers shared by most algorithms ------------------------------------------
+    def build_featurizer(self) -> nn.Module:
+        """The configured backbone for this task's input (``.n_outputs`` features)."""
+        return self.backbone.build(self.task)
+
+    def build_classifier(self, in_features: int) -> nn.Module:
+        return nn.Linear(in_features, self.task.num_classes)
+
+    def named_trainable(self) -> Iterator[tuple[str, nn.Parameter]]:
+        return ((n, p) for n, p in self.named_parameters() if p.requires_grad)

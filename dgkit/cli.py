@@ -1,0 +1,193 @@
+"""The ``dgkit`` command: a LightningCLI over DGModule and DomainDataModule.
+
+``--algo ALIAS`` and ``--data ALIAS`` are resolved through the plugin registries and
+rewritten into the class paths LightningCLI understands, so everything else
+(``--config``, ``--print_config``, ``--trainer.*``, ``--model.*``, ``--data.*``) is plain
+LightningCLI. ``dgkit list`` shows what the installed plugins register.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import TensorBoardLogger
+from rich.console import Console
+
+from dgkit.data import DomainDataModule
+from dgkit.errors import DGKitError, UnknownAliasError
+from dgkit.module import DGModule, task_dict
+from dgkit.plugins import plugins, registry
+from dgkit.results import collect_results, print_results, write_results
+
+DEFAULT_ALGORITHM = "erm"
+DEFAULT_DATASET = "rotated_mnist"
+ALIAS_FLAGS = {  # flag -> (registry kind, LightningCLI key it rewrites to)
+    "--algo": ("algorithm", "--model.algorithm"),
+    "--data": ("dataset", "--data.dataset"),
+    "--model.algorithm": ("algorithm", "--model.algorithm"),
+    "--data.dataset": ("dataset", "--data.dataset"),
+}
+_ALIAS_LIKE = re.compile(r"^[A-Za-z][\w\-]*$")
+
+TRAINER_DEFAULTS = {"default_root_dir": "runs", "max_epochs": 15, "log_every_n_steps": 10}
+# Loggers and callbacks are parser defaults (not trainer_defaults) so a config can change them.
+CONFIGURABLE_DEFAULTS = {
+    "trainer.logger": [
+        {"class_path": "lightning.pytorch.loggers.CSVLogger",
+         "init_args": {"save_dir": "runs", "name": ""}},
+    ],
+    "trainer.callbacks": [{"class_path": "lightning.pytorch.callbacks.RichProgressBar"}],
+}
+try:  # TensorBoard beside CSV when it is installed
+    import tensorboard  # noqa: F401
+
+    CONFIGURABLE_DEFAULTS["trainer.logger"].append(
+        {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+         "init_args": {"save_dir": "runs", "name": "", "sub_dir": "tensorboard"}})
+except ImportError:
+    pass
+
+
+class DGCLI(LightningCLI):
+    def __init__(self, args: Sequence[str] | None = None, run: bool = True):
+        # main() always hands over the rewritten argv; Lightning would warn that it differs.
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+        super().__init__(
+            DGModule,
+            DomainDataModule,
+            seed_everything_default=0,
+            trainer_defaults=TRAINER_DEFAULTS,
+            save_config_kwargs={"overwrite": True},
+            auto_configure_optimizers=False,
+            load_from_checkpoint_support=True,
+            parser_kwargs={"description": "dgkit: domain generalization. Pick an algorithm "
+                           "and data set with --algo ALIAS and --data ALIAS (see `dgkit list`)."},
+            args=list(args) if args is not None else None,
+            run=run,
+        )
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.link_arguments("data.task", "model.task", compute_fn=task_dict,
+                              apply_on="instantiate")
+        parser.set_defaults(CONFIGURABLE_DEFAULTS)
+        parser.set_defaults({
+            "model.algorithm": {"class_path": registry("algorithm").get(DEFAULT_ALGORITHM).target},
+            "data.dataset": {"class_path": registry("dataset").get(DEFAULT_DATASET).target},
+        })
+        # Training-domain validation picks the checkpoint that is tested after fit.
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({
+            "checkpoint.monitor": "val/accuracy",
+            "checkpoint.mode": "max",
+            "checkpoint.save_last": True,
+            "checkpoint.filename": "best-{epoch}-{step}",
+            "checkpoint.auto_insert_metric_name": False,
+        })
+
+    def after_instantiate_classes(self) -> None:
+        # Keep TensorBoard's events inside the CSV logger's run directory (one run, one
+        # folder) instead of letting each logger count versions on its own.
+        loggers = self.trainer.loggers
+        if len(loggers) > 1:
+            for logger in loggers[1:]:
+                if isinstance(logger, TensorBoardLogger):
+                    logger._version = loggers[0].version
+
+    def after_fit(self) -> None:
+        if self.trainer.interrupted or self.trainer.fast_dev_run:
+            return
+        best = self.trainer.checkpoint_callback
+        ckpt = "best" if best is not None and best.best_model_path else None
+        self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt, verbose=False)
+        self._report(ckpt_path=best.best_model_path if ckpt else None)
+
+    def after_test(self) -> None:
+        self._report(ckpt_path=self.config[self.subcommand].get("ckpt_path"))
+
+    def _report(self, ckpt_path: str | None) -> None:
+        if not self.trainer.is_global_zero:
+            return
+        results = collect_results(self.trainer.callback_metrics, self.model.task,
+                                  algorithm=type(self.model.algorithm).__name__,
+                                  ckpt_path=ckpt_path, seed=self.config.get("seed_everything"))
+        print_results(results)
+        if self.trainer.log_dir:
+            path = write_results(results, Path(self.trainer.log_dir))
+            Console(stderr=True).print(f"results written to {path}")
+
+
+def rewrite_aliases(argv: Sequence[str]) -> list[str]:
+    """Turn ``--algo ALIAS`` / ``--data ALIAS`` into LightningCLI class-path arguments."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        flag, _, inline = arg.partition("=")
+        if flag in ALIAS_FLAGS:
+            kind, target = ALIAS_FLAGS[flag]
+            has_value = bool(inline) or i + 1 < len(argv)
+            value = inline if inline else (argv[i + 1] if i + 1 < len(argv) else "")
+            consumed = 1 if inline else 2
+            if has_value and _is_alias(flag, value):
+                out.append(f"{target}={registry(kind).get(value).target}")
+                i += consumed
+                continue
+        out.append(arg)
+        i += 1
+    return out
+
+
+def _is_alias(flag: str, value: str) -> bool:
+    """``--data`` also takes LightningCLI config (a path or a dict); only bare words are aliases."""
+    if flag == "--algo":
+        return True
+    if not _ALIAS_LIKE.match(value) or Path(value).exists():
+        return False
+    kind = ALIAS_FLAGS[flag][0]
+    if value in registry(kind):
+        return True
+    # A bare word that is no alias: --data.dataset also accepts class names (RotatedMNIST).
+    if flag in ("--data", "--model.algorithm", "--data.dataset") and value[:1].isupper():
+        return False
+    raise UnknownAliasError(kind, value, registry(kind).entries)
+
+
+def print_plugins() -> None:
+    from rich.table import Table
+
+    loaded = plugins()
+    table = Table(title="dgkit plugins")
+    for column in ("kind", "alias", "class", "plugin", "distribution"):
+        table.add_column(column)
+    for kind, reg in loaded.registries.items():
+        for entry in reg:
+            table.add_row(kind, entry.alias, entry.target, entry.plugin, entry.distribution)
+    console = Console()
+    console.width = max(console.width, 140)  # class paths are long; don't truncate them
+    console.print(table)
+    for failure in loaded.failures:
+        console.print(f"[red]plugin {failure.plugin!r} ({failure.distribution}) failed to "
+                      f"load[/red]: {failure.error}")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Console entry point (returns nothing: a returned object would become the exit code)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv[:1] == ["list"]:
+            print_plugins()
+            return
+        DGCLI(rewrite_aliases(argv))
+    except DGKitError as exc:
+        Console(stderr=True).print(f"[bold red]dgkit: error:[/bold red] {exc}", highlight=False)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

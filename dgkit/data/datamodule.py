@@ -1,0 +1,144 @@
+"""Leave-domains-out data module with DomainBed's splits and per-domain batches.
+
+Every domain is split once, with a fixed seed, into an *in* part (80%) and an *out* part
+(``holdout_fraction``). Source domains train on *in* and validate on *out*
+(training-domain validation); held-out target domains are tested on *in*, and their
+*out* part is the test-domain oracle's validation set, logged separately as ``oracle/*``.
+
+Loader order is part of the contract with ``DGModule``: ``val_dataloader()`` returns one
+loader per source domain (in ``Task.source_domains`` order) followed, when
+``oracle=True``, by one per target domain; ``test_dataloader()`` one per target domain.
+"""
+
+from __future__ import annotations
+
+import torch
+from lightning import LightningDataModule
+from lightning.pytorch.utilities import CombinedLoader
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from dgkit.data.base import MultiDomainDataset
+from dgkit.data.mnist import RotatedMNIST
+from dgkit.errors import ConfigError
+from dgkit.task import Task
+
+
+def split_indices(n: int, holdout_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Seeded split of ``range(n)`` into (in, out) with ``out`` of ``holdout_fraction``."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    n_out = int(round(n * holdout_fraction))
+    return sorted(order[n_out:]), sorted(order[:n_out])
+
+
+class DomainDataModule(LightningDataModule):
+    def __init__(
+        self,
+        dataset: MultiDomainDataset | None = None,
+        test_domains: list[str | int] | None = None,
+        batch_size: int = 32,
+        eval_batch_size: int = 256,
+        holdout_fraction: float = 0.2,
+        split_seed: int = 0,
+        oracle: bool = True,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+    ):
+        """
+        Args:
+            dataset: the multi-domain data set (``--data ALIAS`` picks one by alias).
+            test_domains: held-out domains, by name or index; the rest are sources.
+                Default: the data set's customary held-out domain.
+            batch_size: samples per source domain per step (DomainBed-style), so a step
+                sees ``batch_size * n_sources`` samples.
+            eval_batch_size: batch size of validation/test loaders.
+            holdout_fraction: share of every domain held out (validation / oracle).
+            split_seed: seed of the in/out splits; fixed so runs compare on the same data.
+            oracle: also evaluate the held-out *out* split of target domains every
+                validation (logged as ``oracle/*``, for test-domain oracle selection).
+            num_workers: DataLoader worker processes per loader.
+            pin_memory: pin host memory (useful on GPU).
+        """
+        super().__init__()
+        self.dataset = dataset if dataset is not None else RotatedMNIST()
+        ds = self.dataset
+        if batch_size < 1:
+            raise ConfigError("data.batch_size", f"{batch_size} is not a batch size", ">= 1")
+        if eval_batch_size < 1:
+            raise ConfigError("data.eval_batch_size", f"{eval_batch_size} is not a batch size", ">= 1")
+        if not 0.0 < holdout_fraction < 1.0:
+            raise ConfigError("data.holdout_fraction", f"{holdout_fraction} is not a fraction",
+                              "0 < f < 1")
+        if num_workers < 0:
+            raise ConfigError("data.num_workers", f"{num_workers} workers", ">= 0")
+        chosen = list(ds.default_test_domains) if test_domains is None else list(test_domains)
+        self.test_indices = sorted({self._domain_index(d) for d in chosen})
+        self.source_indices = [i for i in range(len(ds.domains)) if i not in self.test_indices]
+        if not self.source_indices:
+            raise ConfigError("data.test_domains", "every domain is held out; nothing to train on",
+                              f"a subset of {list(ds.domains)}")
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
+        self.holdout_fraction, self.split_seed = holdout_fraction, split_seed
+        self.oracle, self.num_workers, self.pin_memory = oracle, num_workers, pin_memory
+        self.splits: dict[int, tuple[Dataset, Dataset]] = {}
+        self.save_hyperparameters(ignore=["dataset"])
+
+    def _domain_index(self, domain: str | int) -> int:
+        names = self.dataset.domains
+        if str(domain) in names:  # names first: RotatedMNIST's domains are called "0", "15", ...
+            return names.index(str(domain))
+        if isinstance(domain, int) and 0 <= domain < len(names):
+            return domain
+        raise ConfigError("data.test_domains", f"{self.dataset.name} has no domain {domain!r}",
+                          ", ".join(f"{n!r} ({i})" for i, n in enumerate(names)))
+
+    @property
+    def task(self) -> Task:
+        ds = self.dataset
+        return Task(
+            input_shape=tuple(ds.input_shape),
+            num_classes=ds.num_classes,
+            source_domains=tuple(ds.domains[i] for i in self.source_indices),
+            target_domains=tuple(ds.domains[i] for i in self.test_indices),
+            default_backbone=ds.default_backbone,
+            dataset=ds.name,
+        )
+
+    # --- splits -----------------------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits:
+            return
+        for i in range(len(self.dataset.domains)):
+            data = self.dataset.domain_dataset(i)
+            # Seed per domain so adding a domain never reshuffles the others.
+            inn, out = split_indices(len(data), self.holdout_fraction, self.split_seed * 1000 + i)
+            self.splits[i] = (Subset(data, inn), Subset(data, out))
+        for i in self.source_indices:
+            n = len(self.splits[i][0])
+            if n < self.batch_size:
+                raise ConfigError("data.batch_size", f"source domain {self.dataset.domains[i]!r} "
+                                  f"has only {n} training samples", f"<= {n}")
+
+    def _loader(self, data: Dataset, batch_size: int, train: bool) -> DataLoader:
+        return DataLoader(data, batch_size=batch_size, shuffle=train, drop_last=train,
+                          num_workers=self.num_workers, pin_memory=self.pin_memory,
+                          persistent_workers=self.num_workers > 0)
+
+    def train_dataloader(self) -> CombinedLoader:
+        # One minibatch per source domain per step; smaller domains cycle (DomainBed
+        # draws each domain's batch independently).
+        loaders = [self._loader(self.splits[i][0], self.batch_size, True)
+                   for i in self.source_indices]
+        return CombinedLoader(loaders, mode="max_size_cycle")
+
+    def val_dataloader(self) -> list[DataLoader]:
+        streams = [self.splits[i][1] for i in self.source_indices]
+        if self.oracle:
+            streams += [self.splits[i][1] for i in self.test_indices]
+        return [self._loader(s, self.eval_batch_size, False) for s in streams]
+
+    def test_dataloader(self) -> list[DataLoader]:
+        return [self._loader(self.splits[i][0], self.eval_batch_size, False)
+                for i in self.test_indices]
+
+    def predict_dataloader(self) -> list[DataLoader]:
+        return self.test_dataloader()

@@ -1,0 +1,48 @@
+"""Errors that dgkit reports to the user as one clear line instead of a traceback."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class DGKitError(Exception):
+    """Base of every error meant for the user: the CLI prints it without a traceback."""
+
+
+class ConfigError(DGKitError, ValueError):
+    """A setting has a value dgkit cannot use."""
+
+    def __init__(self, parameter: str, problem: str, allowed: str | Iterable[object] | None = None):
+        self.parameter = parameter
+        message = f"{parameter}: {problem}"
+        if allowed is not None:
+            if not isinstance(allowed, str):
+                allowed = ", ".join(str(a) for a in allowed)
+            message += f" (allowed: {allowed})"
+        super().__init__(message)
+
+
+class UnknownAliasError(DGKitError, KeyError):
+    """An --algo/--data/metric alias that no plugin registered."""
+
+    def __init__(self, kind: str, alias: str, known: Iterable[str]):
+        known = sorted(known)
+        self.kind, self.alias, self.known = kind, alias, known
+        close = difflib.get_close_matches(alias.lower(), known, n=1, cutoff=0.5)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        listing = ", ".join(known) if known else "none registered"
+        super().__init__(f"unknown {kind} {alias!r}.{hint} Known {kind}s: {listing}.")
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return self.args[0]
+
+
+class PluginError(DGKitError):
+    """A plugin failed to import or raised inside one of its hooks."""
+
+
+def check(condition: bool, parameter: str, problem: str, allowed: str | None = None) -> None:
+    """Raise a ConfigError naming ``parameter`` unless ``condition`` holds."""
+    if not condition:
+        raise ConfigError(parameter, problem, allowed)

@@ -1,0 +1,253 @@
+"""DGModule: the one LightningModule that trains, evaluates and checkpoints any Algorithm."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Mapping
+from dataclasses import asdict
+from typing import Any, Literal
+
+import torch
+from lightning import LightningModule
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor, nn
+from torchmetrics import MetricCollection
+
+from dgkit.algorithm import Algorithm, Batch, Optimization
+from dgkit.errors import ConfigError, DGKitError
+from dgkit.networks import Backbone
+from dgkit.plugins import registry
+from dgkit.task import Task
+
+AlgorithmFactory = Callable[[Task, Backbone], Algorithm]
+
+#: Evaluation streams: ``val`` (source out-splits: training-domain validation),
+#: ``oracle`` (target out-splits: test-domain oracle) and ``test`` (target in-splits).
+STAGES = ("val", "oracle", "test")
+
+
+class DGModule(LightningModule):
+    def __init__(
+        self,
+        algorithm: AlgorithmFactory | None = None,
+        task: Task | dict | None = None,
+        backbone: str = "auto",
+        pretrained: bool | str = False,
+        dropout: float = 0.0,
+        freeze_bn: bool = False,
+        optimizer: OptimizerCallable = torch.optim.Adam,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        scheduler_interval: Literal["epoch", "step"] = "epoch",
+        clip_grad_norm: float | None = None,
+        metrics: list[str] | None = None,
+    ):
+        """
+        Args:
+            algorithm: the DG algorithm (``--algo ALIAS`` picks one; its own
+                hyperparameters are ``--model.algorithm.<name>``).
+            task: input shape, classes and domains; linked from the data module.
+            backbone: ``auto`` (the data set's default), ``mnist_cnn``, any timm model
+                name, or ``torchvision/<name>``.
+            pretrained: load pretrained weights from the hub (``true``) or a local file.
+            dropout: dropout on the features (DomainBed's ``resnet_dropout``).
+            freeze_bn: keep BatchNorm running statistics fixed (as DomainBed does).
+            optimizer: optimizer class and its arguments (lr, weight_decay, ...).
+            lr_scheduler: optional learning-rate scheduler on the main optimizer.
+            scheduler_interval: step the scheduler every ``epoch`` or every ``step``.
+            clip_grad_norm: clip the gradient norm to this value (any algorithm).
+            metrics: per-domain metrics to compute (registered names); default accuracy.
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        if algorithm is None:
+            raise ConfigError("model.algorithm", "no algorithm given",
+                              "--algo " + "|".join(e.alias for e in registry("algorithm")))
+        if task is None:
+            raise ConfigError("model.task", "the model needs the data's task (input shape, "
+                              "classes, domains)", "DomainDataModule(...).task")
+        self.task = Task(**task) if isinstance(task, Mapping) else task
+        if clip_grad_norm is not None and clip_grad_norm <= 0:
+            raise ConfigError("model.clip_grad_norm", f"{clip_grad_norm}", "> 0 or null")
+        _check_optimizer(optimizer)
+        self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
+        self.backbone_spec = Backbone(backbone, pretrained, dropout, freeze_bn)
+        self.algorithm = algorithm(self.task, self.backbone_spec)
+        if not isinstance(self.algorithm, Algorithm):
+            raise ConfigError("model.algorithm", f"{type(self.algorithm).__name__} is not a "
+                              "dgkit Algorithm", "subclasses of dgkit.Algorithm")
+        self.automatic_optimization = not self.algorithm.manual_optimization
+
+        metric_names = metrics or ["accuracy"]
+        factories = {name: registry("metric").get(name).obj for name in metric_names}
+        domains = {"val": self.task.source_domains, "oracle": self.task.target_domains,
+                   "test": self.task.target_domains}
+        self.domain_metrics = nn.ModuleDict({
+            stage: nn.ModuleList(
+                MetricCollection({n: f(self.task) for n, f in factories.items()})
+                for _ in domains[stage])
+            for stage in STAGES
+        })
+        self._stage_domains = domains
+        self._updated: set[tuple[str, int]] = set()
+
+    # --- optimization -----------------------------------------------------------------
+    def configure_optimizers(self) -> Any:
+        main = self.optimizer_factory(self.algorithm.parameter_groups())
+        extra = self.algorithm.extra_optimizers(self._make_optimizer)
+        if extra and self.automatic_optimization:
+            raise DGKitError(f"{type(self.algorithm).__name__} defines extra optimizers; it "
+                             "must set manual_optimization = True")
+        if self.lr_scheduler_factory is None:
+            return [main, *extra]
+        scheduler = {"scheduler": self.lr_scheduler_factory(main),
+                     "interval": self.hparams.scheduler_interval, "monitor": "val/accuracy"}
+        return [main, *extra], [scheduler]
+
+    def _make_optimizer(self, params: Any, **overrides: Any) -> torch.optim.Optimizer:
+        opt = self.optimizer_factory(params)
+        for group in opt.param_groups:
+            group.update(overrides)
+        return opt
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None,
+                                    gradient_clip_algorithm=None) -> None:
+        if gradient_clip_val is None and self.hparams.clip_grad_norm is not None:
+            gradient_clip_val, gradient_clip_algorithm = self.hparams.clip_grad_norm, "norm"
+        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+    def _optimization(self) -> Optimization:
+        optimizers = self.optimizers()
+        optimizers = list(optimizers) if isinstance(optimizers, list) else [optimizers]
+        return Optimization(optimizers, self.manual_backward, self._manual_step, self._no_sync)
+
+    def _manual_step(self, optimizer) -> None:
+        if self.hparams.clip_grad_norm is not None:
+            self.clip_gradients(optimizer, self.hparams.clip_grad_norm, "norm")
+        optimizer.step()
+
+    def _no_sync(self) -> contextlib.AbstractContextManager:
+        strategy = self.trainer.strategy
+        block = getattr(strategy, "block_backward_sync", None)
+        return block() if block is not None else contextlib.nullcontext()
+
+    def _step_schedulers(self, interval: str) -> None:
+        if self.automatic_optimization or self.lr_scheduler_factory is None:
+            return
+        if self.hparams.scheduler_interval != interval:
+            return
+        scheduler = self.lr_schedulers()
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            value = self.trainer.callback_metrics.get("val/accuracy")
+            if value is not None:
+                scheduler.step(value)
+        else:
+            scheduler.step()
+
+    # --- training ---------------------------------------------------------------------
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
+        b = as_batch(batch)
+        if self.automatic_optimization:
+            out = self.algorithm.training_loss(b)
+        else:
+            out = self.algorithm.training_update(b, self._optimization())
+        loss, extras = _split_output(out, type(self.algorithm).__name__)
+        if not torch.isfinite(loss):
+            raise DGKitError(
+                f"{type(self.algorithm).__name__} produced a non-finite loss ({loss.item()}) at "
+                f"step {self.global_step}. Lower the learning rate or enable gradient clipping "
+                "(--model.clip_grad_norm)."
+            )
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=len(b))
+        for key, value in extras.items():
+            self.log(f"train/{key}", value.detach() if torch.is_tensor(value) else value,
+                     batch_size=len(b))
+        if not self.automatic_optimization:
+            self._step_schedulers("step")
+            return None
+        return loss
+
+    def on_train_epoch_end(self) -> None:
+        self._step_schedulers("epoch")
+
+    # --- evaluation -------------------------------------------------------------------
+    def forward(self, x: Tensor) -> Tensor:
+        return self.algorithm(x)
+
+    def _evaluate(self, stage: str, index: int, batch: Any) -> None:
+        x, y = batch[0], batch[1]
+        self.domain_metrics[stage][index].update(self.algorithm(x), y)
+        self._updated.add((stage, index))
+
+    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        n_src = self.task.num_domains
+        if dataloader_idx < n_src:
+            self._evaluate("val", dataloader_idx, batch)
+        else:
+            self._evaluate("oracle", dataloader_idx - n_src, batch)
+
+    def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._evaluate("test", dataloader_idx, batch)
+
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict:
+        logits = self.algorithm(batch[0])
+        return {"logits": logits, "prediction": logits.argmax(1),
+                "domain": self.task.target_domains[dataloader_idx]}
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_metrics(("val", "oracle"))
+
+    def on_test_epoch_end(self) -> None:
+        self._log_metrics(("test",))
+
+    def _log_metrics(self, stages: tuple[str, ...]) -> None:
+        for stage in stages:
+            per_metric: dict[str, list[Tensor]] = {}
+            for i, domain in enumerate(self._stage_domains[stage]):
+                if (stage, i) not in self._updated:
+                    continue
+                collection = self.domain_metrics[stage][i]
+                for name, value in collection.compute().items():  # synced across ranks
+                    self.log(f"{stage}/{name}/{domain}", value, sync_dist=False)
+                    per_metric.setdefault(name, []).append(value)
+                collection.reset()
+                self._updated.discard((stage, i))
+            # DomainBed averages accuracies over domains (not over pooled samples).
+            for name, values in per_metric.items():
+                self.log(f"{stage}/{name}", torch.stack(values).mean(), sync_dist=False,
+                         prog_bar=stage == "val")
+
+
+def as_batch(batch: Any) -> Batch:
+    """Concatenate the per-domain minibatches of a training step into one ``Batch``."""
+    if isinstance(batch, Batch):
+        return batch
+    xs, ys, ds = [], [], []
+    for d, (x, y, *_) in enumerate(batch):
+        xs.append(x)
+        ys.append(y)
+        ds.append(torch.full((len(y),), d, dtype=torch.long, device=y.device))
+    return Batch(torch.cat(xs), torch.cat(ys), torch.cat(ds))
+
+
+def _split_output(out: Any, algo: str) -> tuple[Tensor, dict[str, Any]]:
+    if torch.is_tensor(out):
+        return out, {}
+    if isinstance(out, Mapping) and "loss" in out:
+        extras = {k: v for k, v in out.items() if k != "loss"}
+        return out["loss"], extras
+    raise DGKitError(f"{algo}'s training step must return a loss tensor or a dict with a "
+                     f"'loss' key, got {type(out).__name__}")
+
+
+def _check_optimizer(optimizer: OptimizerCallable) -> None:
+    """Build the optimizer on a dummy parameter so a bad lr fails now, not after loading data."""
+    try:
+        optimizer([nn.Parameter(torch.zeros(1))])
+    except (ValueError, TypeError) as exc:
+        raise ConfigError("model.optimizer", str(exc),
+                          "lr >= 0, weight_decay >= 0, betas in [0, 1)") from None
+
+
+def task_dict(task: Task) -> dict:
+    """The task as plain data, so checkpoints load with ``weights_only=True``."""
+    return asdict(task)

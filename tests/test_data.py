@@ -1,0 +1,112 @@
+import pytest
+import torch
+
+from dgkit.data import DomainDataModule
+from dgkit.data.datamodule import split_indices
+from dgkit.data.mnist import ColoredMNIST, RotatedMNIST, load_mnist_5k
+from dgkit.errors import ConfigError
+
+
+def test_embedded_digits_are_real_mnist():
+    images, labels = load_mnist_5k()
+    assert images.shape == (5000, 28, 28) and images.dtype == torch.uint8
+    assert torch.bincount(labels).tolist() == [500] * 10
+    assert images.float().mean() > 20  # real strokes, not blank images
+
+
+def test_rotated_mnist_domains_are_disjoint_slices_of_real_digits():
+    ds = RotatedMNIST()
+    assert ds.domains == ("0", "15", "30", "45", "60", "75")
+    sizes = [len(ds.domain_dataset(i)) for i in range(6)]
+    assert sum(sizes) == 5000 and max(sizes) - min(sizes) <= 1
+    x0 = ds.domain_dataset(0).tensors[0]
+    x75 = ds.domain_dataset(5).tensors[0]
+    assert x0.shape[1:] == (1, 28, 28) and 0 <= x0.min() and x0.max() <= 1
+    # The average digit of domain 75 looks like domain 0's average turned by 75 degrees.
+    from torchvision.transforms.v2 import functional as TF
+
+    mean0, mean75 = x0.mean(0), x75.mean(0)
+
+    def corr(a, b):
+        return torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1].item()
+
+    assert corr(TF.rotate(mean0, 75.0), mean75) > corr(mean0, mean75) + 0.1
+
+
+def test_colored_mnist_has_the_domainbed_correlations():
+    ds = ColoredMNIST()
+    for env, (expected_color_agreement) in enumerate((0.9, 0.8, 0.1)):
+        x, y = ds.domain_dataset(env).tensors
+        assert x.shape[1:] == (2, 28, 28)
+        red = x[:, 0].flatten(1).sum(1) > 0
+        color = (~red).long()  # channel 1 kept -> colour 1
+        agreement = (color == y).float().mean().item()
+        assert abs(agreement - expected_color_agreement) < 0.05, (env, agreement)
+
+
+def test_splits_are_disjoint_and_seeded():
+    a_in, a_out = split_indices(100, 0.2, seed=3)
+    assert len(a_out) == 20 and not set(a_in) & set(a_out) and len(a_in) + len(a_out) == 100
+    assert split_indices(100, 0.2, seed=3) == (a_in, a_out)
+    assert split_indices(100, 0.2, seed=4) != (a_in, a_out)
+
+
+def _sample_ids(subset):
+    # Subset indices into the domain tensor identify samples uniquely within a domain.
+    return {int(i) for i in subset.indices}
+
+
+def test_datamodule_train_val_test_do_not_overlap():
+    dm = DomainDataModule(RotatedMNIST(), test_domains=["75", 0], batch_size=16)
+    dm.setup("fit")
+    assert dm.task.source_domains == ("15", "30", "45", "60")
+    assert dm.task.target_domains == ("0", "75")
+    for i in range(6):
+        inn, out = dm.splits[i]
+        assert not _sample_ids(inn) & _sample_ids(out)
+        assert len(inn) + len(out) == len(dm.dataset.domain_dataset(i))
+    # test loaders read only target domains' in-splits; val only sources' out (+ oracle)
+    assert [len(dl.dataset) for dl in dm.test_dataloader()] == [len(dm.splits[i][0]) for i in (0, 5)]
+    val = dm.val_dataloader()
+    assert len(val) == 4 + 2
+    assert [dl.dataset for dl in val[:4]] == [dm.splits[i][1] for i in (1, 2, 3, 4)]
+
+
+def test_same_seed_same_split_other_seed_other_split():
+    def ids(seed):
+        dm = DomainDataModule(RotatedMNIST(), split_seed=seed)
+        dm.setup("fit")
+        return [sorted(_sample_ids(dm.splits[i][1])) for i in range(6)]
+
+    assert ids(0) == ids(0)
+    assert ids(0) != ids(1)
+
+
+def test_one_minibatch_per_source_domain_per_step():
+    dm = DomainDataModule(ColoredMNIST(), batch_size=8)
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    iter(loader)
+    batch, _, _ = next(iter(loader))
+    assert len(batch) == 2  # two source environments
+    assert all(x.shape == (8, 2, 28, 28) and y.shape == (8,) for x, y in batch)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"test_domains": ["90"]}, "RotatedMNIST has no domain '90'.*allowed: '0' \\(0\\)"),
+        ({"test_domains": list(range(6))}, "every domain is held out"),
+        ({"batch_size": 0}, "data.batch_size"),
+        ({"holdout_fraction": 1.5}, "data.holdout_fraction"),
+    ],
+)
+def test_bad_data_settings_name_the_parameter(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        DomainDataModule(RotatedMNIST(), **kwargs)
+
+
+def test_batch_larger_than_a_domain_is_reported_at_setup():
+    dm = DomainDataModule(RotatedMNIST(), batch_size=5000)
+    with pytest.raises(ConfigError, match="only .* training samples"):
+        dm.setup("fit")
