@@ -5,10 +5,10 @@ import os
 # albumentations asks PyPI for updates on import; that hangs or warns offline.
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
-from dgkit.algorithm import Algorithm, Batch, Optimization  # noqa: E402
-from dgkit.hookspecs import hookimpl  # noqa: E402
-from dgkit.networks import Backbone  # noqa: E402
-from dgkit.task import Task  # noqa: E402
+from dgkit.algorithm import Algorithm, Batch, Optimization
+from dgkit.hookspecs import hookimpl
+from dgkit.networks import Backbone
+from dgkit.task import Task
 
 __version__ = "0.1.0"
 __all__ = ["Algorithm", "Backbone", "Batch", "Optimization", "Task", "hookimpl"]

@@ -8,19 +8,23 @@ LightningCLI. ``dgkit list`` shows what the installed plugins register.
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-from lightning.pytorch.callbacks import ModelCheckpoint
+import torch
+from lightning import Trainer
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from rich.console import Console
 
 from dgkit.data import DomainDataModule
-from dgkit.errors import DGKitError, UnknownAliasError
+from dgkit.errors import ConfigError, DGKitError, UnknownAliasError
 from dgkit.module import DGModule, task_dict
 from dgkit.plugins import plugins, registry
 from dgkit.results import collect_results, print_results, write_results
@@ -42,7 +46,6 @@ CONFIGURABLE_DEFAULTS = {
         {"class_path": "lightning.pytorch.loggers.CSVLogger",
          "init_args": {"save_dir": "runs", "name": ""}},
     ],
-    "trainer.callbacks": [{"class_path": "lightning.pytorch.callbacks.RichProgressBar"}],
 }
 try:  # TensorBoard beside CSV when it is installed
     import tensorboard  # noqa: F401
@@ -90,6 +93,20 @@ class DGCLI(LightningCLI):
             "checkpoint.auto_insert_metric_name": False,
         })
 
+    def before_instantiate_classes(self) -> None:
+        ckpt = self.config[self.subcommand].get("ckpt_path") if self.subcommand else None
+        if ckpt and ckpt not in ("best", "last", "hpc", "registry") and not Path(ckpt).is_file():
+            raise ConfigError("ckpt_path", f"no checkpoint file at {ckpt!r}",
+                              "a .ckpt written by `dgkit fit`, e.g. runs/version_0/checkpoints/last.ckpt")
+
+    def _instantiate_trainer(self, config: dict, callbacks: list) -> Trainer:
+        # A rich progress bar by default, unless bars are off or the user chose another.
+        chosen = [*callbacks, *(config.get("callbacks") or [])]
+        if config.get("enable_progress_bar") is not False and not any(
+                isinstance(c, ProgressBar) for c in chosen):
+            callbacks = [*callbacks, RichProgressBar()]
+        return super()._instantiate_trainer(config, callbacks)
+
     def after_instantiate_classes(self) -> None:
         # Keep TensorBoard's events inside the CSV logger's run directory (one run, one
         # folder) instead of letting each logger count versions on its own.
@@ -110,12 +127,22 @@ class DGCLI(LightningCLI):
     def after_test(self) -> None:
         self._report(ckpt_path=self.config[self.subcommand].get("ckpt_path"))
 
+    def after_predict(self) -> None:
+        predictions = self.trainer.predict_loop.predictions
+        if not self.trainer.is_global_zero or not predictions or not self.trainer.log_dir:
+            return
+        path = Path(self.trainer.log_dir) / "predictions.pt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(predictions, path)
+        Console(stderr=True).print(f"predictions written to {path}")
+
     def _report(self, ckpt_path: str | None) -> None:
         if not self.trainer.is_global_zero:
             return
         results = collect_results(self.trainer.callback_metrics, self.model.task,
                                   algorithm=type(self.model.algorithm).__name__,
-                                  ckpt_path=ckpt_path, seed=self.config.get("seed_everything"))
+                                  ckpt_path=ckpt_path,
+                                  seed=self.config[self.subcommand].get("seed_everything"))
         print_results(results)
         if self.trainer.log_dir:
             path = write_results(results, Path(self.trainer.log_dir))
@@ -141,6 +168,31 @@ def rewrite_aliases(argv: Sequence[str]) -> list[str]:
         out.append(arg)
         i += 1
     return out
+
+
+def data_from_checkpoint(argv: list[str]) -> list[str]:
+    """For validate/test/predict, default the data config to the one saved in the checkpoint.
+
+    Lightning restores the model's hyperparameters from ``--ckpt_path``; without the data
+    module's too, the default data set would be evaluated. Inserted right after the
+    subcommand, so the user's own ``--data.*``/``--config`` still win.
+    """
+    if not argv or argv[0] not in ("validate", "test", "predict"):
+        return argv
+    ckpt = None
+    for i, arg in enumerate(argv):
+        if arg.startswith("--ckpt_path="):
+            ckpt = arg.split("=", 1)[1]
+        elif arg == "--ckpt_path" and i + 1 < len(argv):
+            ckpt = argv[i + 1]
+    if not ckpt or not Path(ckpt).is_file():
+        return argv
+    hparams = torch.load(ckpt, map_location="cpu", weights_only=True).get(
+        "datamodule_hyper_parameters") or {}
+    data = {k: v for k, v in hparams.items() if not k.startswith("_")}
+    if "dataset" not in data:
+        return argv
+    return [argv[0], "--data=" + json.dumps(data, default=list), *argv[1:]]
 
 
 def _is_alias(flag: str, value: str) -> bool:
@@ -183,9 +235,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         if argv[:1] == ["list"]:
             print_plugins()
             return
-        DGCLI(rewrite_aliases(argv))
-    except DGKitError as exc:
-        Console(stderr=True).print(f"[bold red]dgkit: error:[/bold red] {exc}", highlight=False)
+        DGCLI(data_from_checkpoint(rewrite_aliases(argv)))
+    except (DGKitError, MisconfigurationException) as exc:
+        Console(stderr=True, soft_wrap=True).print(
+            f"[bold red]dgkit: error:[/bold red] {exc}", highlight=False, markup=True)
         sys.exit(2)
 
 

@@ -108,5 +108,5 @@ def test_bad_data_settings_name_the_parameter(kwargs, message):
 
 def test_batch_larger_than_a_domain_is_reported_at_setup():
     dm = DomainDataModule(RotatedMNIST(), batch_size=5000)
-    with pytest.raises(ConfigError, match="only .* training samples"):
+    with pytest.raises(ConfigError, match=r"only .* training samples"):
         dm.setup("fit")

@@ -37,7 +37,7 @@ class _Raises:
 
 
 def test_duplicate_alias_names_both_plugins():
-    with pytest.raises(PluginError, match="'erm' is registered twice.*'algorithms'.*'clash'"):
+    with pytest.raises(PluginError, match=r"'erm' is registered twice.*'algorithms'.*'clash'"):
         load_plugins(extra={"clash": _Clash()})
 
 

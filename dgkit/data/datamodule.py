@@ -26,8 +26,16 @@ from dgkit.task import Task
 def split_indices(n: int, holdout_fraction: float, seed: int) -> tuple[list[int], list[int]]:
     """Seeded split of ``range(n)`` into (in, out) with ``out`` of ``holdout_fraction``."""
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
-    n_out = int(round(n * holdout_fraction))
+    n_out = round(n * holdout_fraction)
     return sorted(order[n_out:]), sorted(order[:n_out])
+
+
+def _built_by_cli() -> bool:
+    try:
+        from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
+    except ImportError:  # Lightning moved it: fall back to not saving the data set
+        return False
+    return _given_hyperparameters.get() is not None
 
 
 class DomainDataModule(LightningDataModule):
@@ -80,7 +88,9 @@ class DomainDataModule(LightningDataModule):
         self.holdout_fraction, self.split_seed = holdout_fraction, split_seed
         self.oracle, self.num_workers, self.pin_memory = oracle, num_workers, pin_memory
         self.splits: dict[int, tuple[Dataset, Dataset]] = {}
-        self.save_hyperparameters(ignore=["dataset"])
+        # Under the CLI the hparams are the parsed config (the data set as a class path), which
+        # lets `dgkit test --ckpt_path` rebuild the data; a bare object would be pickled.
+        self.save_hyperparameters(ignore=[] if _built_by_cli() else ["dataset"])
 
     def _domain_index(self, domain: str | int) -> int:
         names = self.dataset.domains
