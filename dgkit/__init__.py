@@ -11,4 +11,4 @@ from dgkit.networks import Backbone
 from dgkit.task import Task
 
 __version__ = "0.1.0"
-__all__ = ["Algorithm", "Backbone", "Batch", "Optimization", "Task", "hookimpl"]
+__all__ = ["Algorithm", "Backbone", "Batch", "Optimization", "Progress", "Task", "hookimpl"]

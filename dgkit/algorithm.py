@@ -56,6 +56,19 @@ class Batch:
         return len(self.y)
 
 
+@dataclass
+class Progress:
+    """Where training stands; the module updates it before every training step.
+
+    ``total_steps`` is Lightning's estimate of the optimizer steps of the whole fit
+    (``max_steps``, or epochs x batches); ``None`` outside a fit.
+    """
+
+    step: int = 0
+    epoch: int = 0
+    total_steps: int | None = None
+
+
 class Optimization:
     """What a manual-optimization algorithm may do to its optimizers.
 
@@ -101,6 +114,7 @@ class Algorithm(nn.Module):
         super().__init__()
         self.task = task
         self.backbone = backbone
+        self.progress = Progress()
 
     # --- training -------------------------------------------------------------------
     def training_loss(self, batch: Batch) -> StepOutput:

@@ -144,8 +144,13 @@ class DGModule(LightningModule):
             scheduler.step()
 
     # --- training ---------------------------------------------------------------------
+    def on_train_start(self) -> None:
+        self.algorithm.progress.total_steps = int(self.trainer.estimated_stepping_batches)
+
     def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
         b = as_batch(batch)
+        self.algorithm.progress.step = self.global_step
+        self.algorithm.progress.epoch = self.current_epoch
         if self.automatic_optimization:
             out = self.algorithm.training_loss(b)
         else:

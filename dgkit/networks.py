@@ -7,6 +7,7 @@ message saying how to supply weights, instead of retrying for a minute.
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 from dataclasses import dataclass
@@ -39,6 +40,23 @@ class MNISTCNN(nn.Module):
                        nn.ReLU(), nn.GroupNorm(8, width)]
             prev = width
         self.body = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.body(x)
+
+
+class MLP(nn.Module):
+    """DomainBed's ``MLP`` featurizer on flattened inputs (for tabular data and quick tests)."""
+
+    def __init__(self, n_inputs: int, width: int = 256, depth: int = 3):
+        super().__init__()
+        layers: list[nn.Module] = [nn.Flatten()]
+        prev = n_inputs
+        for _ in range(depth - 1):
+            layers += [nn.Linear(prev, width), nn.ReLU()]
+            prev = width
+        self.body = nn.Sequential(*layers)
+        self.n_outputs = prev
 
     def forward(self, x: Tensor) -> Tensor:
         return self.body(x)
@@ -94,6 +112,11 @@ class Backbone:
             if self.pretrained:
                 raise ConfigError("model.pretrained", "mnist_cnn has no pretrained weights", "false")
             body, n_out = MNISTCNN(channels), MNISTCNN.n_outputs
+        elif name == "mlp":
+            if self.pretrained:
+                raise ConfigError("model.pretrained", "mlp has no pretrained weights", "false")
+            body = MLP(math.prod(task.input_shape))
+            n_out = body.n_outputs
         elif name.startswith(TORCHVISION_PREFIX):
             body, n_out = _torchvision_body(name[len(TORCHVISION_PREFIX):], task, self.pretrained)
         else:
@@ -106,8 +129,8 @@ def _timm_body(name: str, in_chans: int, pretrained: bool | str) -> tuple[nn.Mod
 
     if not timm.is_model(name):
         close = timm.list_models(f"*{name}*")[:8]
-        raise ConfigError("model.backbone", f"{name!r} is neither mnist_cnn, a timm model nor "
-                          f"{TORCHVISION_PREFIX}<name>", ", ".join(["mnist_cnn", *close]) or None)
+        raise ConfigError("model.backbone", f"{name!r} is neither mnist_cnn, mlp, a timm model nor "
+                          f"{TORCHVISION_PREFIX}<name>", ", ".join(["mnist_cnn", "mlp", *close]))
     kwargs: dict = {"num_classes": 0, "in_chans": in_chans}
     if isinstance(pretrained, str):
         kwargs.update(pretrained=True, pretrained_cfg_overlay={"file": pretrained})

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from lightning import LightningDataModule
 from lightning.pytorch.utilities import CombinedLoader
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from dgkit.data.base import MultiDomainDataset
 from dgkit.data.mnist import RotatedMNIST
@@ -50,6 +50,7 @@ class DomainDataModule(LightningDataModule):
         oracle: bool = True,
         num_workers: int = 0,
         pin_memory: bool = False,
+        shuffle: bool = True,
     ):
         """
         Args:
@@ -65,6 +66,8 @@ class DomainDataModule(LightningDataModule):
                 validation (logged as ``oracle/*``, for test-domain oracle selection).
             num_workers: DataLoader worker processes per loader.
             pin_memory: pin host memory (useful on GPU).
+            shuffle: reshuffle training data every epoch (off: a fixed order, which makes
+                multi-device and single-device runs see the same global batches).
         """
         super().__init__()
         self.dataset = dataset if dataset is not None else RotatedMNIST()
@@ -87,6 +90,7 @@ class DomainDataModule(LightningDataModule):
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.holdout_fraction, self.split_seed = holdout_fraction, split_seed
         self.oracle, self.num_workers, self.pin_memory = oracle, num_workers, pin_memory
+        self.shuffle = shuffle
         self.splits: dict[int, tuple[Dataset, Dataset]] = {}
         # Under the CLI the hparams are the parsed config (the data set as a class path), which
         # lets `dgkit test --ckpt_path` rebuild the data; a bare object would be pickled.
@@ -129,7 +133,16 @@ class DomainDataModule(LightningDataModule):
                                   f"has only {n} training samples", f"<= {n}")
 
     def _loader(self, data: Dataset, batch_size: int, train: bool) -> DataLoader:
-        return DataLoader(data, batch_size=batch_size, shuffle=train, drop_last=train,
+        sampler = None
+        trainer = self.trainer
+        if train and trainer is not None and trainer.world_size > 1:
+            # Our own sampler, because Lightning's injected one always shuffles training
+            # data; with shuffle=False, N devices then see exactly one device's global batch.
+            sampler = DistributedSampler(data, num_replicas=trainer.world_size,
+                                         rank=trainer.global_rank, shuffle=self.shuffle,
+                                         seed=torch.initial_seed(), drop_last=True)
+        return DataLoader(data, batch_size=batch_size, sampler=sampler,
+                          shuffle=train and self.shuffle and sampler is None, drop_last=train,
                           num_workers=self.num_workers, pin_memory=self.pin_memory,
                           persistent_workers=self.num_workers > 0)
 

@@ -2,8 +2,10 @@
 
 from dgkit import hookimpl
 from dgkit_algorithms.erm import ERM
+from dgkit_algorithms.sam import ASAM, SAM
+from dgkit_algorithms.udim import UDIM
 
 
 @hookimpl
 def dgkit_algorithms():
-    return {"erm": ERM}
+    return {"erm": ERM, "sam": SAM, "asam": ASAM, "udim": UDIM}

@@ -1,0 +1,52 @@
+"""Small training harness shared by the algorithm tests."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from lightning import Trainer, seed_everything
+
+from dgkit.data import DomainDataModule
+from dgkit.data.mnist import RotatedMNIST
+from dgkit.module import DGModule, task_dict
+
+
+def train(algorithm_cls, steps: int, *, backbone: str = "mlp", batch_size: int = 16,
+          lr: float = 1e-3, data: DomainDataModule | None = None, seed: int = 0,
+          precision: str = "32-true", scheduler: tuple | None = None, **hparams) -> DGModule:
+    """Fit ``algorithm_cls`` for ``steps`` steps on Rotated MNIST (no validation, no files)."""
+    seed_everything(seed)
+    data = data or DomainDataModule(RotatedMNIST(), batch_size=batch_size)
+    model = DGModule(algorithm=functools.partial(algorithm_cls, **hparams),
+                     task=task_dict(data.task), backbone=backbone,
+                     optimizer=functools.partial(torch.optim.Adam, lr=lr),
+                     lr_scheduler=functools.partial(scheduler[0], **scheduler[1]) if scheduler else None,
+                     scheduler_interval="step")
+    trainer = Trainer(max_steps=steps, limit_val_batches=0, logger=False,
+                      enable_checkpointing=False, enable_progress_bar=False,
+                      enable_model_summary=False, num_sanity_val_steps=0, precision=precision)
+    trainer.fit(model, datamodule=data)
+    return model
+
+
+def source_batch(data: DomainDataModule, n_per_domain: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fixed evaluation batch from the source domains' training splits."""
+    data.setup("fit")
+    xs, ys = [], []
+    for i in data.source_indices:
+        subset = data.splits[i][0]
+        x, y = zip(*(subset[j] for j in range(min(n_per_domain, len(subset)))), strict=True)
+        xs.append(torch.stack(x))
+        ys.append(torch.tensor(y))
+    return torch.cat(xs), torch.cat(ys)
+
+
+def plain_optimization(optimizer: torch.optim.Optimizer):
+    """An ``Optimization`` handle without Lightning, for single-step tests."""
+    import contextlib
+
+    from dgkit.algorithm import Optimization
+
+    return Optimization([optimizer], lambda loss: loss.backward(), lambda opt: opt.step(),
+                        contextlib.nullcontext)
