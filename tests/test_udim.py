@@ -132,3 +132,8 @@ def test_udim_runs_end_to_end_through_the_cli(data, tmp_path):
     (results,) = tmp_path.glob("runs/*/test_results.json")
     results = json.loads(results.read_text())
     assert results["algorithm"] == "UDIM" and 0.0 <= results["average"]["accuracy"] <= 1.0
+
+
+def test_udim_trains_under_bf16_autocast():
+    model = train(UDIM, 3, precision="bf16-mixed", warmup_steps=1)
+    assert all(torch.isfinite(p).all() for p in model.parameters())

@@ -1,0 +1,88 @@
+"""Training-step time of each algorithm relative to ERM, on the same backbone and batch.
+
+Run by hand:  python benchmarks/step_time.py [--backbone mnist_cnn] [--data rotated_mnist]
+Prints the median step time and its ratio to ERM next to the number of forward+backward
+passes each algorithm needs in theory. Steps are timed by a Lightning callback, so the
+figures include everything the module does per step (logging, optimizer, DDP hooks).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import statistics
+import time
+
+import torch
+from lightning import Callback, Trainer, seed_everything
+
+from dgkit.data import DomainDataModule
+from dgkit.module import DGModule, task_dict
+from dgkit.plugins import registry
+
+# Theoretical cost in ERM steps (one forward + one backward); see ../shared/algorithms-1.md.
+PASSES = {"erm": "1", "sam": "2", "asam": "2", "udim": "~5-7 (double backward, 2B inconsistency pass)"}
+HPARAMS = {"udim": {"warmup_steps": 0}}  # time UDIM's own steps, not its SAM warm-up
+
+
+class StepTimer(Callback):
+    def __init__(self, skip: int):
+        self.skip, self.times, self._start = skip, [], 0.0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        if batch_idx >= self.skip:
+            self.times.append(time.perf_counter() - self._start)
+
+
+def step_time(algo: str, args: argparse.Namespace) -> tuple[float, float]:
+    seed_everything(0)
+    dataset = registry("dataset").get(args.data).obj()
+    data = DomainDataModule(dataset, batch_size=args.batch_size, num_workers=args.num_workers)
+    cls = registry("algorithm").get(algo).obj
+    model = DGModule(algorithm=functools.partial(cls, **HPARAMS.get(algo, {})),
+                     task=task_dict(data.task), backbone=args.backbone)
+    timer = StepTimer(skip=args.warmup)
+    trainer = Trainer(max_steps=args.warmup + args.steps, limit_val_batches=0, logger=False,
+                      enable_checkpointing=False, enable_progress_bar=False,
+                      enable_model_summary=False, callbacks=[timer], precision=args.precision,
+                      accelerator=args.accelerator, devices=1)
+    trainer.fit(model, datamodule=data)
+    peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
+    return statistics.median(timer.times), peak
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--algos", default="erm,sam,udim")
+    parser.add_argument("--data", default="rotated_mnist")
+    parser.add_argument("--backbone", default="mnist_cnn")
+    parser.add_argument("--batch-size", type=int, default=32, help="per source domain")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--precision", default="32-true")
+    parser.add_argument("--accelerator", default="auto")
+    parser.add_argument("--num-workers", type=int, default=0)
+    args = parser.parse_args()
+
+    algos = args.algos.split(",")
+    results = {a: step_time(a, args) for a in algos}
+    base = results.get("erm", next(iter(results.values())))[0]
+    device = (torch.cuda.get_device_name() if torch.cuda.is_available()
+              else f"CPU, {torch.get_num_threads()} threads")
+    print(f"\n{args.data}, {args.backbone}, {args.batch_size} per domain, {args.precision}, {device}")
+    print(f"{'algorithm':<10} {'step (ms)':>10} {'/ ERM':>7} {'peak MiB':>9}  passes (F+B)")
+    for algo, (seconds, peak) in results.items():
+        memory = f"{peak:9.0f}" if peak is not None else f"{'n/a':>9}"
+        print(f"{algo:<10} {1000 * seconds:>10.1f} {seconds / base:>7.2f} {memory}  {PASSES.get(algo, '?')}")
+
+
+if __name__ == "__main__":
+    main()
