@@ -21,7 +21,11 @@ from dgkit.module import DGModule, task_dict
 from dgkit.plugins import registry
 
 # Theoretical cost in ERM steps (one forward + one backward); see ../shared/algorithms-1.md.
-PASSES = {"erm": "1", "sam": "2", "asam": "2", "udim": "~5-7 (double backward, 2B inconsistency pass)"}
+PASSES = {
+    "erm": "1", "sam": "2", "asam": "2", "adanpc": "1 (the base's: ERM)",
+    "udim": "~5-7 (double backward, 2B inconsistency pass)",
+    "itta": "~2.5-3.5 (two two-stream forwards, three backwards, one double)",
+}
 HPARAMS = {"udim": {"warmup_steps": 0}}  # time UDIM's own steps, not its SAM warm-up
 
 
@@ -61,7 +65,7 @@ def step_time(algo: str, args: argparse.Namespace) -> tuple[float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--algos", default="erm,sam,udim")
+    parser.add_argument("--algos", default="erm,sam,udim,itta,adanpc")
     parser.add_argument("--data", default="rotated_mnist")
     parser.add_argument("--backbone", default="mnist_cnn")
     parser.add_argument("--batch-size", type=int, default=32, help="per source domain")

@@ -76,7 +76,7 @@ class Optimization:
     sync and gradient clipping stay correct.
     """
 
-    def __init__(self, optimizers: list[Optimizer], backward: Callable[[Tensor], None],
+    def __init__(self, optimizers: list[Optimizer], backward: Callable[..., None],
                  step: Callable[[Optimizer], None], no_sync: Callable[[], contextlib.AbstractContextManager]):
         self.optimizers = optimizers
         self._backward, self._step, self._no_sync = backward, step, no_sync
@@ -86,8 +86,10 @@ class Optimization:
         """The main optimizer (the one built from ``--model.optimizer``)."""
         return self.optimizers[0]
 
-    def backward(self, loss: Tensor) -> None:
-        self._backward(loss)
+    def backward(self, loss: Tensor, **kwargs) -> None:
+        """``loss.backward`` through Lightning (precision, DDP); ``inputs=[...]`` restricts
+        which tensors receive gradients."""
+        self._backward(loss, **kwargs)
 
     def step(self, optimizer: Optimizer | None = None) -> None:
         """Clip (if configured) and step ``optimizer`` (default: the main one)."""
@@ -109,6 +111,10 @@ class Algorithm(nn.Module):
     """
 
     manual_optimization: ClassVar[bool] = False
+    #: ``adapt`` differs from ``forward``: evaluation runs the test-time stage.
+    adapts_at_test: ClassVar[bool] = False
+    #: ``adapt`` takes gradients, so evaluation must run outside ``torch.inference_mode``.
+    needs_grad_at_test: ClassVar[bool] = False
 
     def __init__(self, task: Task, backbone: Backbone):
         super().__init__()
@@ -131,13 +137,27 @@ class Algorithm(nn.Module):
         return [p for p in self.parameters() if p.requires_grad]
 
     def extra_optimizers(self, make: Callable[..., Optimizer]) -> list[Optimizer]:
-        """Further optimizers (manual optimization only); ``make(params, **overrides)``
-        builds one of the configured optimizer class."""
+        """Further optimizers (manual optimization only). ``make(params, lr_scale=1.0,
+        **overrides)`` builds one of the configured class with ``lr_scale`` times its lr."""
         return []
 
     # --- inference ------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
         raise NotImplementedError(f"{type(self).__name__} must implement forward(x) -> logits")
+
+    # --- test-time stage (see dgkit/adaptation.py) ----------------------------------
+    def prepare_adaptation(self, source: Callable[[], Iterable[tuple[Tensor, Tensor]]]) -> None:
+        """Called once before an evaluation with adaptation, before the trained state is
+        snapshotted. ``source()`` iterates ``(x, y)`` batches of the source domains in
+        evaluation mode (AdaNPC builds its memory from them)."""
+
+    def adapt(self, x: Tensor) -> Tensor:
+        """Logits for ``x`` at test time; may update the algorithm's adaptive state.
+
+        The module restores the trained state before every evaluated domain (and before
+        every batch in episodic mode), so state carries over only within one stream.
+        """
+        return self(x)
 
     # --- helpers shared by most algorithms ------------------------------------------
     def build_featurizer(self) -> nn.Module:

@@ -35,6 +35,7 @@ ALIAS_FLAGS = {  # flag -> (registry kind, LightningCLI key it rewrites to)
     "--algo": ("algorithm", "--model.algorithm"),
     "--data": ("dataset", "--data.dataset"),
     "--model.algorithm": ("algorithm", "--model.algorithm"),
+    "--model.algorithm.base": ("algorithm", "--model.algorithm.base"),
     "--data.dataset": ("dataset", "--data.dataset"),
 }
 _ALIAS_LIKE = re.compile(r"^[A-Za-z][\w\-]*$")
@@ -142,7 +143,8 @@ class DGCLI(LightningCLI):
         results = collect_results(self.trainer.callback_metrics, self.model.task,
                                   algorithm=type(self.model.algorithm).__name__,
                                   ckpt_path=ckpt_path,
-                                  seed=self.config[self.subcommand].get("seed_everything"))
+                                  seed=self.config[self.subcommand].get("seed_everything"),
+                                  test_time_selection=self.model.tta_selection)
         print_results(results)
         if self.trainer.log_dir:
             path = write_results(results, Path(self.trainer.log_dir))
@@ -205,7 +207,7 @@ def _is_alias(flag: str, value: str) -> bool:
     if value in registry(kind):
         return True
     # A bare word that is no alias: --data.dataset also accepts class names (RotatedMNIST).
-    if flag in ("--data", "--model.algorithm", "--data.dataset") and value[:1].isupper():
+    if flag != "--algo" and value[:1].isupper():
         return False
     raise UnknownAliasError(kind, value, registry(kind).entries)
 

@@ -13,6 +13,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 from torchmetrics import MetricCollection
 
+from dgkit.adaptation import TestTimeStage, select_hyperparameters
 from dgkit.algorithm import Algorithm, Batch, Optimization
 from dgkit.errors import ConfigError, DGKitError
 from dgkit.networks import Backbone
@@ -22,7 +23,8 @@ from dgkit.task import Task
 AlgorithmFactory = Callable[[Task, Backbone], Algorithm]
 
 #: Evaluation streams: ``val`` (source out-splits: training-domain validation),
-#: ``oracle`` (target out-splits: test-domain oracle) and ``test`` (target in-splits).
+#: ``oracle`` (target out-splits: test-domain oracle) and ``test`` (target in-splits);
+#: algorithms with a test-time stage also get ``test_unadapted`` (the same model without it).
 STAGES = ("val", "oracle", "test")
 
 
@@ -40,6 +42,9 @@ class DGModule(LightningModule):
         scheduler_interval: Literal["epoch", "step"] = "epoch",
         clip_grad_norm: float | None = None,
         metrics: list[str] | None = None,
+        adaptation: Literal["domain", "batch"] = "domain",
+        adapt_validation: bool = False,
+        tta_grid: dict[str, list] | None = None,
     ):
         """
         Args:
@@ -56,6 +61,14 @@ class DGModule(LightningModule):
             scheduler_interval: step the scheduler every ``epoch`` or every ``step``.
             clip_grad_norm: clip the gradient norm to this value (any algorithm).
             metrics: per-domain metrics to compute (registered names); default accuracy.
+            adaptation: for algorithms with a test-time stage: ``domain`` adapts online
+                along each domain's stream and resets between domains; ``batch`` resets
+                before every batch (episodic). Trained weights are always restored.
+            adapt_validation: run the test-time stage on validation streams too (with
+                source training data only), to select by adapted validation accuracy.
+            tta_grid: test-time hyperparameters to choose before testing, e.g.
+                ``{k: [10, 100], temperature: [0.05, 0.1]}``; chosen by adapted accuracy
+                on the source validation splits, never on test labels.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -81,14 +94,18 @@ class DGModule(LightningModule):
         factories = {name: registry("metric").get(name).obj for name in metric_names}
         domains = {"val": self.task.source_domains, "oracle": self.task.target_domains,
                    "test": self.task.target_domains}
+        if self.algorithm.adapts_at_test:
+            domains["test_unadapted"] = self.task.target_domains
         self.domain_metrics = nn.ModuleDict({
             stage: nn.ModuleList(
                 MetricCollection({n: f(self.task) for n, f in factories.items()})
                 for _ in domains[stage])
-            for stage in STAGES
+            for stage in domains
         })
         self._stage_domains = domains
         self._updated: set[tuple[str, int]] = set()
+        self.tta = TestTimeStage(self.algorithm, adaptation)
+        self.tta_selection: dict | None = None
 
     # --- optimization -----------------------------------------------------------------
     def configure_optimizers(self) -> Any:
@@ -103,9 +120,11 @@ class DGModule(LightningModule):
                      "interval": self.hparams.scheduler_interval, "monitor": "val/accuracy"}
         return [main, *extra], [scheduler]
 
-    def _make_optimizer(self, params: Any, **overrides: Any) -> torch.optim.Optimizer:
+    def _make_optimizer(self, params: Any, lr_scale: float = 1.0, **overrides: Any
+                        ) -> torch.optim.Optimizer:
         opt = self.optimizer_factory(params)
         for group in opt.param_groups:
+            group["lr"] *= lr_scale
             group.update(overrides)
         return opt
 
@@ -123,7 +142,14 @@ class DGModule(LightningModule):
     def _manual_step(self, optimizer) -> None:
         if self.hparams.clip_grad_norm is not None:
             self.clip_gradients(optimizer, self.hparams.clip_grad_norm, "norm")
-        optimizer.step()
+        main = self.optimizers()
+        main = main[0] if isinstance(main, list) else main
+        if optimizer is main:
+            optimizer.step()
+        else:
+            # Extra optimizers step outside Lightning's counter, so global_step (and
+            # max_steps) count batches, not optimizer calls.
+            getattr(optimizer, "optimizer", optimizer).step()
 
     def _no_sync(self) -> contextlib.AbstractContextManager:
         strategy = self.trainer.strategy
@@ -178,9 +204,19 @@ class DGModule(LightningModule):
     def forward(self, x: Tensor) -> Tensor:
         return self.algorithm(x)
 
-    def _evaluate(self, stage: str, index: int, batch: Any) -> None:
+    def _evaluate(self, stage: str, index: int, batch: Any) -> Tensor:
         x, y = batch[0], batch[1]
-        self.domain_metrics[stage][index].update(self.algorithm(x), y)
+        if self.tta.active:
+            if "test_unadapted" in self.domain_metrics and stage == "test":
+                self._update("test_unadapted", index, self.algorithm(x), y)
+            logits = self.tta.predict((stage, index), x)
+        else:
+            logits = self.algorithm(x)
+        self._update(stage, index, logits, y)
+        return logits
+
+    def _update(self, stage: str, index: int, logits: Tensor, y: Tensor) -> None:
+        self.domain_metrics[stage][index].update(logits, y)
         self._updated.add((stage, index))
 
     def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -194,18 +230,75 @@ class DGModule(LightningModule):
         self._evaluate("test", dataloader_idx, batch)
 
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict:
-        logits = self.algorithm(batch[0])
+        x = batch[0]
+        logits = self.tta.predict(("predict", dataloader_idx), x) if self.tta.active else self.algorithm(x)
         return {"logits": logits, "prediction": logits.argmax(1),
                 "domain": self.task.target_domains[dataloader_idx]}
+
+    # --- test-time stage ----------------------------------------------------------------
+    def _source_data(self, include_holdout: bool):
+        datamodule = self.trainer.datamodule
+        if datamodule is None or not hasattr(datamodule, "source_eval_dataloader"):
+            raise DGKitError(f"{type(self.algorithm).__name__} adapts at test time and needs the "
+                             "source domains: evaluate with a DomainDataModule (datamodule=...)")
+
+        def batches():
+            for x, y, *_ in datamodule.source_eval_dataloader(include_holdout):
+                yield x.to(self.device), y.to(self.device)
+
+        return batches
+
+    def setup(self, stage: str) -> None:
+        if self.algorithm.needs_grad_at_test:
+            # The test-time stage takes gradients: evaluate under no_grad (which adapt()
+            # lifts with enable_grad) instead of inference_mode, whose tensors refuse autograd.
+            for loop in (self.trainer.validate_loop, self.trainer.test_loop,
+                         self.trainer.predict_loop, self.trainer.fit_loop.epoch_loop.val_loop):
+                loop.inference_mode = False
+
+    def _begin_adaptation(self, include_holdout: bool) -> None:
+        if self.algorithm.adapts_at_test:
+            self.tta.begin(self._source_data(include_holdout))
+
+    def on_validation_start(self) -> None:
+        if self.hparams.adapt_validation:
+            self._begin_adaptation(include_holdout=False)  # never the validation samples
+
+    def on_validation_end(self) -> None:
+        self.tta.end()
+
+    def on_test_start(self) -> None:
+        if not self.algorithm.adapts_at_test:
+            return
+        if self.hparams.tta_grid:
+            self._select_test_time_hyperparameters()
+        self._begin_adaptation(include_holdout=True)
+
+    def _select_test_time_hyperparameters(self) -> None:
+        self._begin_adaptation(include_holdout=False)
+        val = self.trainer.datamodule.val_dataloader()[: self.task.num_domains]
+        chosen, scores = select_hyperparameters(self.tta, self.hparams.tta_grid, val)
+        self.tta.end()
+        self.tta_selection = {"chosen": chosen, "validation_accuracy": [
+            {"config": c, "accuracy": a} for c, a in scores]}
+
+    def on_test_end(self) -> None:
+        self.tta.end()
+
+    def on_predict_start(self) -> None:
+        self._begin_adaptation(include_holdout=True)
+
+    def on_predict_end(self) -> None:
+        self.tta.end()
 
     def on_validation_epoch_end(self) -> None:
         self._log_metrics(("val", "oracle"))
 
     def on_test_epoch_end(self) -> None:
-        self._log_metrics(("test",))
+        self._log_metrics(("test", "test_unadapted"))
 
     def _log_metrics(self, stages: tuple[str, ...]) -> None:
-        for stage in stages:
+        for stage in (s for s in stages if s in self._stage_domains):
             per_metric: dict[str, list[Tensor]] = {}
             for i, domain in enumerate(self._stage_domains[stage]):
                 if (stage, i) not in self._updated:

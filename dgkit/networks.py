@@ -86,6 +86,25 @@ class Featurizer(nn.Module):
         return self
 
 
+def split_stages(featurizer: Featurizer) -> tuple[nn.Module, list[nn.Module], nn.Module]:
+    """``(stem, stages, head)`` of a featurizer whose stage outputs are non-negative
+    (post-ReLU), for methods that act between stages (ITTA). Supports timm ResNets and
+    DomainBed's MNIST CNN."""
+    body = featurizer.body
+    if isinstance(body, MNISTCNN):
+        # conv, ReLU, GroupNorm per block: cut after each ReLU so stage outputs are >= 0.
+        layers = list(body.body)
+        convs = [layers[i:i + 3] for i in range(0, 12, 3)]
+        stages = [nn.Sequential(*convs[0][:2])]
+        stages += [nn.Sequential(convs[i - 1][2], *convs[i][:2]) for i in range(1, 4)]
+        return nn.Identity(), stages, nn.Sequential(convs[3][2], *layers[12:])
+    if all(hasattr(body, n) for n in ("conv1", "bn1", "act1", "maxpool", "layer4", "global_pool")):
+        stem = nn.Sequential(body.conv1, body.bn1, body.act1, body.maxpool)
+        return stem, [body.layer1, body.layer2, body.layer3, body.layer4], body.global_pool
+    raise ConfigError("model.backbone", f"{type(body).__name__} has no known stages",
+                      "mnist_cnn or a timm ResNet (resnet18, resnet50, ...)")
+
+
 @dataclass(frozen=True)
 class Backbone:
     """How to build a featurizer; algorithms call ``build(task)`` once per network."""

@@ -23,12 +23,14 @@ def collect_results(metrics: Mapping[str, Any], task: Task, **info: Any) -> dict
     average: dict[str, float] = {}
     for key, value in metrics.items():
         parts = key.split("/")
-        if parts[0] != "test":
+        if parts[0] not in ("test", "test_unadapted") or len(parts) < 2:
             continue
+        # The same model without its test-time stage, beside the adapted result.
+        name = parts[1] if parts[0] == "test" else f"{parts[1]} (no adaptation)"
         if len(parts) == 2:
-            average[parts[1]] = float(value)
-        elif len(parts) >= 3:
-            domains.setdefault("/".join(parts[2:]), {})[parts[1]] = float(value)
+            average[name] = float(value)
+        else:
+            domains.setdefault("/".join(parts[2:]), {})[name] = float(value)
     return {"dataset": task.dataset, "source_domains": list(task.source_domains),
             "domains": domains, "average": average, **info}
 

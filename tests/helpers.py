@@ -48,5 +48,5 @@ def plain_optimization(optimizer: torch.optim.Optimizer):
 
     from dgkit.algorithm import Optimization
 
-    return Optimization([optimizer], lambda loss: loss.backward(), lambda opt: opt.step(),
+    return Optimization([optimizer], lambda loss, **kw: loss.backward(**kw), lambda opt: opt.step(),
                         contextlib.nullcontext)

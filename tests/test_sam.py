@@ -1,6 +1,5 @@
 import pytest
 import torch
-from dgkit_algorithms import ERM, SAM
 from helpers import plain_optimization, source_batch, train
 from torch import nn
 
@@ -11,6 +10,7 @@ from dgkit.errors import ConfigError
 from dgkit.networks import Backbone
 from dgkit.sharpness import bn_stats_frozen, perturbed, sam_perturbation, worst_case_sharpness
 from dgkit.task import Task
+from dgkit_algorithms import ERM, SAM
 
 
 def test_perturbation_is_rho_along_the_gradient():

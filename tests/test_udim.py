@@ -3,8 +3,6 @@ import statistics
 
 import pytest
 import torch
-from dgkit_algorithms import SAM, UDIM
-from dgkit_algorithms.udim import fishr_inconsistency, per_sample_classifier_grads
 from helpers import plain_optimization, source_batch, train
 from torch.func import grad, vmap
 
@@ -14,6 +12,8 @@ from dgkit.data import DomainDataModule
 from dgkit.data.mnist import RotatedMNIST
 from dgkit.networks import Backbone
 from dgkit.task import Task
+from dgkit_algorithms import SAM, UDIM
+from dgkit_algorithms.udim import fishr_inconsistency, per_sample_classifier_grads
 
 TASK = Task((1, 28, 28), 10, ("a", "b"), default_backbone="mlp")
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from lightning import LightningDataModule
 from lightning.pytorch.utilities import CombinedLoader
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler, Subset
 
 from dgkit.data.base import MultiDomainDataset
 from dgkit.data.mnist import RotatedMNIST
@@ -162,6 +162,16 @@ class DomainDataModule(LightningDataModule):
     def test_dataloader(self) -> list[DataLoader]:
         return [self._loader(self.splits[i][0], self.eval_batch_size, False)
                 for i in self.test_indices]
+
+    def source_eval_dataloader(self, include_holdout: bool = True) -> DataLoader:
+        """All source domains in evaluation order (in-splits, and out-splits if asked), for
+        test-time stages that learn from source data (AdaNPC's memory). Not distributed:
+        every rank reads all of it, so state built from it agrees across ranks."""
+        parts = [self.splits[i][0] for i in self.source_indices]
+        if include_holdout:
+            parts += [self.splits[i][1] for i in self.source_indices]
+        return DataLoader(ConcatDataset(parts), batch_size=self.eval_batch_size, shuffle=False,
+                          num_workers=self.num_workers, pin_memory=self.pin_memory)
 
     def predict_dataloader(self) -> list[DataLoader]:
         return self.test_dataloader()
