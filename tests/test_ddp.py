@@ -11,11 +11,11 @@ SCRIPT = Path(__file__).with_name("ddp_train.py")
 
 
 def _run(tmp_path: Path, name: str, devices: int, batch_size: int, algo: str = "sam",
-         hparams: str = "{}") -> list[dict]:
+         hparams: str = "{}", *extra: str) -> list[dict]:
     out = tmp_path / name
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), "--algo", algo, "--devices", str(devices),
-         "--batch-size", str(batch_size), "--hparams", hparams, "--out", str(out)],
+         "--batch-size", str(batch_size), "--hparams", hparams, "--out", str(out), *extra],
         capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return [torch.load(f"{out}.rank{r}", weights_only=True) for r in range(devices)]
@@ -55,3 +55,15 @@ def test_udim_merged_gradient_is_synced_once(tmp_path):
     ranks = _run(tmp_path, "udim", devices=2, batch_size=8, algo="udim",
                  hparams="{'warmup_steps': 1}")
     assert _max_diff(ranks[0], ranks[1]) == 0.0
+
+
+def test_adanpc_memory_is_gathered_so_two_devices_test_like_one(tmp_path):
+    """Each device predicts its half of every test batch, then all confident rows enter
+    every device's memory: the same stream as one device with the whole batch."""
+    hparams = "{'k': 10, 'beta': 0.5}"
+    _run(tmp_path, "one", 1, 16, "adanpc", hparams, "--test", "--eval-batch-size", "64")
+    _run(tmp_path, "two", 2, 8, "adanpc", hparams, "--test", "--eval-batch-size", "32")
+    one = torch.load(tmp_path / "one.test", weights_only=True)
+    two = torch.load(tmp_path / "two.test", weights_only=True)
+    assert abs(one["test/accuracy"] - two["test/accuracy"]) < 1e-3, (one, two)  # < 1 sample
+    assert abs(one["test_unadapted/accuracy"] - two["test_unadapted/accuracy"]) < 0.005
