@@ -44,6 +44,8 @@ class Batch:
     x: Tensor
     y: Tensor
     domain: Tensor
+    #: unlabeled images of this step (``--data.unlabeled``), or None
+    unlabeled: Tensor | None = None
 
     def per_domain(self) -> list[tuple[Tensor, Tensor]]:
         out = []
@@ -115,6 +117,9 @@ class Algorithm(nn.Module):
     adapts_at_test: ClassVar[bool] = False
     #: ``adapt`` takes gradients, so evaluation must run outside ``torch.inference_mode``.
     needs_grad_at_test: ClassVar[bool] = False
+    #: hypotheses the algorithm keeps; above 1, ``head_logits`` gives each one's logits and
+    #: the module logs per-head metrics.
+    num_heads: int = 1
 
     def __init__(self, task: Task, backbone: Backbone):
         super().__init__()
@@ -144,6 +149,10 @@ class Algorithm(nn.Module):
     # --- inference ------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
         raise NotImplementedError(f"{type(self).__name__} must implement forward(x) -> logits")
+
+    def head_logits(self, x: Tensor) -> Tensor:
+        """``[B, num_heads, C]`` logits of every hypothesis."""
+        return self(x).unsqueeze(1)
 
     # --- test-time stage (see dgkit/adaptation.py) ----------------------------------
     def prepare_adaptation(self, source: Callable[[], Iterable[tuple[Tensor, Tensor]]]) -> None:

@@ -144,7 +144,9 @@ class DGCLI(LightningCLI):
                                   algorithm=type(self.model.algorithm).__name__,
                                   ckpt_path=ckpt_path,
                                   seed=self.config[self.subcommand].get("seed_everything"),
-                                  test_time_selection=self.model.tta_selection)
+                                  test_time_selection=self.model.tta_selection,
+                                  head_selection=self.model.head_selection,
+                                  transductive=getattr(self.datamodule, "transductive", False))
         print_results(results)
         if self.trainer.log_dir:
             path = write_results(results, Path(self.trainer.log_dir))

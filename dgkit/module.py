@@ -16,6 +16,7 @@ from torchmetrics import MetricCollection
 from dgkit.adaptation import TestTimeStage, select_hyperparameters
 from dgkit.algorithm import Algorithm, Batch, Optimization
 from dgkit.errors import ConfigError, DGKitError
+from dgkit.metrics import accuracy as accuracy_metric
 from dgkit.networks import Backbone
 from dgkit.plugins import registry
 from dgkit.task import Task
@@ -104,8 +105,17 @@ class DGModule(LightningModule):
         })
         self._stage_domains = domains
         self._updated: set[tuple[str, int]] = set()
+        # Several hypotheses (DRM, DivDis, D-BAT): each head's accuracy beside the result.
+        self.head_metrics = nn.ModuleDict({
+            stage: nn.ModuleList(
+                MetricCollection({f"accuracy_head{h}": factories.get("accuracy", accuracy_metric)(self.task)
+                                  for h in range(self.algorithm.num_heads)})
+                for _ in domains[stage])
+            for stage in ("val", "oracle", "test")
+        }) if self.algorithm.num_heads > 1 else None
         self.tta = TestTimeStage(self.algorithm, adaptation)
         self.tta_selection: dict | None = None
+        self.head_selection: dict | None = None
 
     # --- optimization -----------------------------------------------------------------
     def configure_optimizers(self) -> Any:
@@ -213,11 +223,19 @@ class DGModule(LightningModule):
         else:
             logits = self.algorithm(x)
         self._update(stage, index, logits, y)
+        self._update_heads(stage, index, x, y)
         return logits
 
     def _update(self, stage: str, index: int, logits: Tensor, y: Tensor) -> None:
         self.domain_metrics[stage][index].update(logits, y)
         self._updated.add((stage, index))
+
+    def _update_heads(self, stage: str, index: int, x: Tensor, y: Tensor) -> None:
+        if self.head_metrics is None or stage not in self.head_metrics:
+            return
+        heads = self.algorithm.head_logits(x)
+        for h, metric in enumerate(self.head_metrics[stage][index].values()):
+            metric.update(heads[:, h], y)
 
     def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         n_src = self.task.num_domains
@@ -268,11 +286,28 @@ class DGModule(LightningModule):
         self.tta.end()
 
     def on_test_start(self) -> None:
+        if hasattr(self.algorithm, "choose_head"):
+            self._choose_head()
         if not self.algorithm.adapts_at_test:
             return
         if self.hparams.tta_grid:
             self._select_test_time_hyperparameters()
         self._begin_adaptation(include_holdout=True)
+
+    def _choose_head(self) -> None:
+        """Disambiguation of multi-hypothesis algorithms, before testing: labelled source
+        validation data, or the held-out domains' oracle split (never the test images)."""
+        datamodule, n_src = self.trainer.datamodule, self.task.num_domains
+        loaders = datamodule.val_dataloader()
+        if self.algorithm.selection == "target_queries":
+            if not datamodule.oracle:
+                raise ConfigError("data.oracle", "target_queries draws its labels from the "
+                                  "held-out domains' oracle split", "true")
+            loaders = loaders[n_src:]
+        else:
+            loaders = loaders[:n_src]
+        batches = [(x.to(self.device), y.to(self.device)) for loader in loaders for x, y, *_ in loader]
+        self.head_selection = self.algorithm.choose_head(batches)
 
     def _select_test_time_hyperparameters(self) -> None:
         self._begin_adaptation(include_holdout=False)
@@ -303,11 +338,14 @@ class DGModule(LightningModule):
             for i, domain in enumerate(self._stage_domains[stage]):
                 if (stage, i) not in self._updated:
                     continue
-                collection = self.domain_metrics[stage][i]
-                for name, value in collection.compute().items():  # synced across ranks
-                    self.log(f"{stage}/{name}/{domain}", value, sync_dist=False)
-                    per_metric.setdefault(name, []).append(value)
-                collection.reset()
+                collections = [self.domain_metrics[stage][i]]
+                if self.head_metrics is not None and stage in self.head_metrics:
+                    collections.append(self.head_metrics[stage][i])
+                for collection in collections:
+                    for name, value in collection.compute().items():  # synced across ranks
+                        self.log(f"{stage}/{name}/{domain}", value, sync_dist=False)
+                        per_metric.setdefault(name, []).append(value)
+                    collection.reset()
                 self._updated.discard((stage, i))
             # DomainBed averages accuracies over domains (not over pooled samples).
             for name, values in per_metric.items():
@@ -319,12 +357,15 @@ def as_batch(batch: Any) -> Batch:
     """Concatenate the per-domain minibatches of a training step into one ``Batch``."""
     if isinstance(batch, Batch):
         return batch
+    unlabeled = None
+    if isinstance(batch, Mapping):
+        batch, unlabeled = batch["sources"], batch["unlabeled"]
     xs, ys, ds = [], [], []
     for d, (x, y, *_) in enumerate(batch):
         xs.append(x)
         ys.append(y)
         ds.append(torch.full((len(y),), d, dtype=torch.long, device=y.device))
-    return Batch(torch.cat(xs), torch.cat(ys), torch.cat(ds))
+    return Batch(torch.cat(xs), torch.cat(ys), torch.cat(ds), unlabeled)
 
 
 def _split_output(out: Any, algo: str) -> tuple[Tensor, dict[str, Any]]:

@@ -51,6 +51,12 @@ def print_results(results: dict, console: Console | None = None) -> None:
                                    for m in metrics), style="bold")
     console.print(table)
     console.print(f"checkpoint: {results.get('ckpt_path') or '(weights at the end of training)'}")
+    if results.get("transductive"):
+        console.print("[bold]transductive[/bold]: training saw unlabeled images of the held-out domains")
+    selection = results.get("head_selection")
+    if selection:
+        console.print(f"head {selection['selected_head']} chosen by {selection['by']} "
+                      f"({selection['labels_used']} labels)")
 
 
 def write_results(results: dict, directory: Path) -> Path:

@@ -12,6 +12,8 @@ loader per source domain (in ``Task.source_domains`` order) followed, when
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from lightning import LightningDataModule
 from lightning.pytorch.utilities import CombinedLoader
@@ -28,6 +30,19 @@ def split_indices(n: int, holdout_fraction: float, seed: int) -> tuple[list[int]
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
     n_out = round(n * holdout_fraction)
     return sorted(order[n_out:]), sorted(order[:n_out])
+
+
+class ImagesOnly(Dataset):
+    """A data set's inputs without their labels."""
+
+    def __init__(self, data: Dataset):
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int):
+        return self.data[index][0]
 
 
 def _built_by_cli() -> bool:
@@ -51,6 +66,8 @@ class DomainDataModule(LightningDataModule):
         num_workers: int = 0,
         pin_memory: bool = False,
         shuffle: bool = True,
+        unlabeled: Literal["none", "target", "source_holdout"] = "none",
+        unlabeled_batch_size: int | None = None,
     ):
         """
         Args:
@@ -68,6 +85,14 @@ class DomainDataModule(LightningDataModule):
             pin_memory: pin host memory (useful on GPU).
             shuffle: reshuffle training data every epoch (off: a fixed order, which makes
                 multi-device and single-device runs see the same global batches).
+            unlabeled: images without labels that every training step also receives
+                (``Batch.unlabeled``), for algorithms that use them (DivDis, D-BAT):
+                ``target``: the held-out domains' *out* split (never the test images) --
+                transductive, and every result of such a run is marked so;
+                ``source_holdout``: the source domains' *out* split (the validation images,
+                without their labels); ``none``.
+            unlabeled_batch_size: unlabeled images per step (default: ``batch_size`` times
+                the number of source domains, the size of the labelled batch).
         """
         super().__init__()
         self.dataset = dataset if dataset is not None else RotatedMNIST()
@@ -91,6 +116,10 @@ class DomainDataModule(LightningDataModule):
         self.holdout_fraction, self.split_seed = holdout_fraction, split_seed
         self.oracle, self.num_workers, self.pin_memory = oracle, num_workers, pin_memory
         self.shuffle = shuffle
+        if unlabeled not in ("none", "target", "source_holdout"):
+            raise ConfigError("data.unlabeled", f"{unlabeled!r}", "none, target, source_holdout")
+        self.unlabeled = unlabeled
+        self.unlabeled_batch_size = unlabeled_batch_size or batch_size * len(self.source_indices)
         self.splits: dict[int, tuple[Dataset, Dataset]] = {}
         # Under the CLI the hparams are the parsed config (the data set as a class path), which
         # lets `dgkit test --ckpt_path` rebuild the data; a bare object would be pickled.
@@ -146,12 +175,22 @@ class DomainDataModule(LightningDataModule):
                           num_workers=self.num_workers, pin_memory=self.pin_memory,
                           persistent_workers=self.num_workers > 0)
 
+    @property
+    def transductive(self) -> bool:
+        """Whether training sees images of the held-out domains."""
+        return self.unlabeled == "target"
+
     def train_dataloader(self) -> CombinedLoader:
         # One minibatch per source domain per step; smaller domains cycle (DomainBed
         # draws each domain's batch independently).
         loaders = [self._loader(self.splits[i][0], self.batch_size, True)
                    for i in self.source_indices]
-        return CombinedLoader(loaders, mode="max_size_cycle")
+        if self.unlabeled == "none":
+            return CombinedLoader(loaders, mode="max_size_cycle")
+        indices = self.test_indices if self.unlabeled == "target" else self.source_indices
+        images = ImagesOnly(ConcatDataset([self.splits[i][1] for i in indices]))
+        unlabeled = self._loader(images, self.unlabeled_batch_size, True)
+        return CombinedLoader({"sources": loaders, "unlabeled": unlabeled}, mode="max_size_cycle")
 
     def val_dataloader(self) -> list[DataLoader]:
         streams = [self.splits[i][1] for i in self.source_indices]
