@@ -54,6 +54,10 @@ class TestTimeStage:
         if self._trained is not None:
             self.algorithm.load_state_dict(copy.deepcopy(self._trained))
 
+    def restart(self) -> None:
+        """The next ``predict`` starts a new stream from the trained state."""
+        self._stream = None
+
     def end(self) -> None:
         self.restore()
         self._trained, self._stream = None, None
@@ -96,7 +100,7 @@ def select_hyperparameters(stage: TestTimeStage, space: Mapping[str, list],
                 total += len(y)
             accuracies.append(correct / max(total, 1))
         scores.append((config, sum(accuracies) / len(accuracies)))
-        stage._stream = None  # the next configuration starts from the trained state
+        stage.restart()  # the next configuration starts from the trained state
     best = max(scores, key=lambda item: item[1])[0] if scores else original
     for name, value in best.items():
         setattr(algo, name, value)

@@ -23,10 +23,6 @@ from dgkit.task import Task
 
 AlgorithmFactory = Callable[[Task, Backbone], Algorithm]
 
-#: Evaluation streams: ``val`` (source out-splits: training-domain validation),
-#: ``oracle`` (target out-splits: test-domain oracle) and ``test`` (target in-splits);
-#: algorithms with a test-time stage also get ``test_unadapted`` (the same model without it).
-STAGES = ("val", "oracle", "test")
 
 
 class DGModule(LightningModule):
@@ -93,6 +89,9 @@ class DGModule(LightningModule):
 
         metric_names = metrics or ["accuracy"]
         factories = {name: registry("metric").get(name).obj for name in metric_names}
+        # Evaluation streams: ``val`` (source out-splits: training-domain validation),
+        # ``oracle`` (target out-splits: test-domain oracle), ``test`` (target in-splits) and,
+        # with a test-time stage, ``test_unadapted`` (the same model without it).
         domains = {"val": self.task.source_domains, "oracle": self.task.target_domains,
                    "test": self.task.target_domains}
         if self.algorithm.adapts_at_test:
