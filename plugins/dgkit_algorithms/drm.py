@@ -1,0 +1,134 @@
+"""DRM: Domain-specific Risk Minimization (Zhang et al., KDD 2023).
+
+One classifier head per source domain plus a shared head on one featurizer. At test time
+the prediction is steered by prediction entropy: per sample (the paper) or per batch (the
+reference code), hard selection (``gamma < 0``) or entropy weighting ``H^-gamma``, and
+optionally online retraining of the heads on confident pseudo-labels.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dgkit import Algorithm, Backbone, Batch, Task
+from dgkit.errors import check
+
+
+def entropy(probs: Tensor) -> Tensor:
+    return -(probs * probs.clamp_min(1e-12).log()).sum(-1)
+
+
+class DRM(Algorithm):
+    """Heads ``0..D-1`` for the source domains, head ``D`` shared; each training sample
+    trains its own domain's head and the shared head."""
+
+    def __init__(self, task: Task, backbone: Backbone, selection: Literal["sample", "batch"] = "sample",
+                 gamma: float = -1.0, beta: float = 1.1, alpha: float = 1.0, test_lr: float = 1e-3,
+                 steps: int = 1, label: Literal["drm", "own", "last", "uniform"] = "drm",
+                 legacy_double_softmax: bool = False):
+        """
+        Args:
+            selection: steer per ``sample`` (the paper) or per ``batch`` (the reference
+                code: the head of lowest batch-mean entropy).
+            gamma: ``< 0``: the lowest-entropy head; ``>= 0``: weight the domain heads by
+                ``entropy^-gamma`` (0: uniform average), renormalised over those heads.
+            beta: confidence a pseudo-label needs for online retraining of the heads;
+                above 1 turns retraining off (pure selection, the default).
+            alpha: retraining lr multiplier of ``test_lr`` (the reference multiplies its
+                training lr).
+            test_lr: Adam lr of the heads during retraining, before ``alpha``.
+            steps: retraining steps per test batch.
+            label: pseudo-labels for retraining: ``drm`` (the steered prediction), ``own``
+                (each head its own), ``last`` (the shared head's), ``uniform`` (the heads'
+                mean).
+            legacy_double_softmax: threshold the reference's softmax of the steered
+                probabilities (at most e/(e+C-1)) instead of the probabilities.
+        """
+        super().__init__(task, backbone)
+        check(selection in ("sample", "batch"), "model.algorithm.selection", f"{selection!r}",
+              "sample, batch")
+        check(label in ("drm", "own", "last", "uniform"), "model.algorithm.label", f"{label!r}",
+              "drm, own, last, uniform")
+        check(steps >= 1, "model.algorithm.steps", f"{steps}", ">= 1")
+        self.featurizer = self.build_featurizer()
+        self.heads = nn.ModuleList(self.build_classifier(self.featurizer.n_outputs)
+                                   for _ in range(task.num_domains + 1))
+        self.num_heads = task.num_domains + 1
+        self.selection, self.gamma, self.beta = selection, gamma, beta
+        self.alpha, self.test_lr, self.steps, self.label = alpha, test_lr, steps, label
+        self.legacy_double_softmax = legacy_double_softmax
+        self.adapts_at_test = self.needs_grad_at_test = beta <= 1.0
+        self._test_optimizer = self._new_test_optimizer()
+
+    def _new_test_optimizer(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.heads.parameters(), lr=self.test_lr * self.alpha)
+
+    def head_logits(self, x: Tensor) -> Tensor:
+        z = self.featurizer(x)
+        return torch.stack([h(z) for h in self.heads], dim=1)
+
+    def training_loss(self, batch: Batch) -> Tensor:
+        logits = self.head_logits(batch.x)
+        own = logits[torch.arange(len(batch.y)), batch.domain]
+        shared = logits[:, -1]
+        return (F.cross_entropy(own, batch.y) + F.cross_entropy(shared, batch.y)) / 2
+
+    def steer(self, logits: Tensor) -> tuple[Tensor, Tensor]:
+        """Steered class probabilities ``[B, C]`` and the head each sample used (-1 when
+        heads are weighted)."""
+        probs = logits.softmax(-1)
+        ent = entropy(probs)  # [B, H]
+        if self.selection == "batch":
+            head = ent.mean(0).argmin().expand(len(probs))
+        elif self.gamma < 0:
+            head = ent.argmin(1)
+        else:
+            domain = ent[:, :-1].clamp_min(1e-12).pow(-self.gamma)
+            weights = domain / domain.sum(1, keepdim=True)
+            return (weights.unsqueeze(2) * probs[:, :-1]).sum(1), torch.full_like(ent[:, 0], -1).long()
+        return probs[torch.arange(len(probs)), head], head
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.steer(self.head_logits(x))[0].clamp_min(1e-12).log()
+
+    def adapt(self, x: Tensor) -> Tensor:
+        with torch.no_grad():
+            z = self.featurizer(x)  # the featurizer stays as trained: only heads adapt
+        prediction = None
+        for _ in range(self.steps):
+            logits = torch.stack([h(z) for h in self.heads], dim=1)
+            probs, _ = self.steer(logits)
+            prediction = probs.detach() if prediction is None else prediction
+            conf_source = probs.softmax(1) if self.legacy_double_softmax else probs
+            conf, target = conf_source.detach().max(1)
+            keep = conf >= self.beta
+            if not keep.any():
+                break
+            per_head = logits.detach().argmax(-1)  # [B, H]
+            loss = logits.new_zeros(())
+            for h in range(self.num_heads):
+                if self.label == "own":
+                    labels = per_head[:, h]
+                elif self.label == "last":
+                    labels = per_head[:, -1]
+                elif self.label == "uniform":
+                    labels = logits.detach().softmax(-1).mean(1).argmax(1)
+                else:
+                    labels = target
+                loss = loss + F.cross_entropy(logits[keep, h], labels[keep])
+            self._test_optimizer.zero_grad(set_to_none=True)
+            loss.backward(inputs=list(self.heads.parameters()))
+            self._test_optimizer.step()
+        return prediction.clamp_min(1e-12).log()  # predicted before this batch's update
+
+    def get_extra_state(self) -> dict:
+        return {"test_optimizer": self._test_optimizer.state_dict()}
+
+    def set_extra_state(self, state: dict) -> None:
+        self._test_optimizer = self._new_test_optimizer()
+        if state and state.get("test_optimizer", {}).get("state"):
+            self._test_optimizer.load_state_dict(state["test_optimizer"])
