@@ -110,3 +110,20 @@ def test_batch_larger_than_a_domain_is_reported_at_setup():
     dm = DomainDataModule(RotatedMNIST(), batch_size=5000)
     with pytest.raises(ConfigError, match=r"only .* training samples"):
         dm.setup("fit")
+
+
+def test_colored_mnist_with_chosen_colour_agreement():
+    ds = ColoredMNIST(color_agreement=[0.9, 0.5, 0.25])
+    assert ds.domains == ("+90%", "50%", "-75%") and ds.default_test_domains == ("-75%",)
+    with pytest.raises(ConfigError, match="color_agreement"):
+        ColoredMNIST(color_agreement=[1.5])
+
+
+def test_unlabeled_domains_are_neither_trained_nor_tested():
+    ds = ColoredMNIST(color_agreement=[0.9, 0.8, 0.5, 0.1])
+    dm = DomainDataModule(ds, unlabeled="domains", unlabeled_domains=["50%"])
+    assert dm.task.source_domains == ("+90%", "+80%") and dm.task.target_domains == ("-90%",)
+    with pytest.raises(ConfigError, match=r"data\.unlabeled_domains"):
+        DomainDataModule(ds, unlabeled="domains")
+    with pytest.raises(ConfigError, match="cannot be the unlabeled pool"):
+        DomainDataModule(ds, unlabeled="domains", unlabeled_domains=["-90%"])

@@ -66,7 +66,8 @@ class DomainDataModule(LightningDataModule):
         num_workers: int = 0,
         pin_memory: bool = False,
         shuffle: bool = True,
-        unlabeled: Literal["none", "target", "source_holdout"] = "none",
+        unlabeled: Literal["none", "target", "source_holdout", "domains"] = "none",
+        unlabeled_domains: list[str | int] | None = None,
         unlabeled_batch_size: int | None = None,
     ):
         """
@@ -90,7 +91,9 @@ class DomainDataModule(LightningDataModule):
                 ``target``: the held-out domains' *out* split (never the test images) --
                 transductive, and every result of such a run is marked so;
                 ``source_holdout``: the source domains' *out* split (the validation images,
-                without their labels); ``none``.
+                without their labels); ``domains``: every image of ``unlabeled_domains``,
+                which are then neither trained nor tested on; ``none``.
+            unlabeled_domains: the domains of ``unlabeled: domains``.
             unlabeled_batch_size: unlabeled images per step (default: ``batch_size`` times
                 the number of source domains, the size of the labelled batch).
         """
@@ -108,7 +111,16 @@ class DomainDataModule(LightningDataModule):
             raise ConfigError("data.num_workers", f"{num_workers} workers", ">= 0")
         chosen = list(ds.default_test_domains) if test_domains is None else list(test_domains)
         self.test_indices = sorted({self._domain_index(d) for d in chosen})
-        self.source_indices = [i for i in range(len(ds.domains)) if i not in self.test_indices]
+        if (unlabeled == "domains") != bool(unlabeled_domains):
+            raise ConfigError("data.unlabeled_domains", "goes with --data.unlabeled domains",
+                              "a list of domains together with unlabeled: domains")
+        self.unlabeled_indices = sorted({self._domain_index(d, "data.unlabeled_domains")
+                                         for d in unlabeled_domains or []})
+        if set(self.unlabeled_indices) & set(self.test_indices):
+            raise ConfigError("data.unlabeled_domains", "a held-out domain cannot be the unlabeled "
+                              "pool (that is unlabeled: target)", "domains not in test_domains")
+        self.source_indices = [i for i in range(len(ds.domains))
+                               if i not in self.test_indices and i not in self.unlabeled_indices]
         if not self.source_indices:
             raise ConfigError("data.test_domains", "every domain is held out; nothing to train on",
                               f"a subset of {list(ds.domains)}")
@@ -116,8 +128,8 @@ class DomainDataModule(LightningDataModule):
         self.holdout_fraction, self.split_seed = holdout_fraction, split_seed
         self.oracle, self.num_workers, self.pin_memory = oracle, num_workers, pin_memory
         self.shuffle = shuffle
-        if unlabeled not in ("none", "target", "source_holdout"):
-            raise ConfigError("data.unlabeled", f"{unlabeled!r}", "none, target, source_holdout")
+        if unlabeled not in ("none", "target", "source_holdout", "domains"):
+            raise ConfigError("data.unlabeled", f"{unlabeled!r}", "none, target, source_holdout, domains")
         self.unlabeled = unlabeled
         self.unlabeled_batch_size = unlabeled_batch_size or batch_size * len(self.source_indices)
         self.splits: dict[int, tuple[Dataset, Dataset]] = {}
@@ -125,13 +137,13 @@ class DomainDataModule(LightningDataModule):
         # lets `dgkit test --ckpt_path` rebuild the data; a bare object would be pickled.
         self.save_hyperparameters(ignore=[] if _built_by_cli() else ["dataset"])
 
-    def _domain_index(self, domain: str | int) -> int:
+    def _domain_index(self, domain: str | int, parameter: str = "data.test_domains") -> int:
         names = self.dataset.domains
         if str(domain) in names:  # names first: RotatedMNIST's domains are called "0", "15", ...
             return names.index(str(domain))
         if isinstance(domain, int) and 0 <= domain < len(names):
             return domain
-        raise ConfigError("data.test_domains", f"{self.dataset.name} has no domain {domain!r}",
+        raise ConfigError(parameter, f"{self.dataset.name} has no domain {domain!r}",
                           ", ".join(f"{n!r} ({i})" for i, n in enumerate(names)))
 
     @property
@@ -187,8 +199,12 @@ class DomainDataModule(LightningDataModule):
                    for i in self.source_indices]
         if self.unlabeled == "none":
             return CombinedLoader(loaders, mode="max_size_cycle")
-        indices = self.test_indices if self.unlabeled == "target" else self.source_indices
-        images = ImagesOnly(ConcatDataset([self.splits[i][1] for i in indices]))
+        if self.unlabeled == "domains":
+            pool = [part for i in self.unlabeled_indices for part in self.splits[i]]
+        else:
+            indices = self.test_indices if self.unlabeled == "target" else self.source_indices
+            pool = [self.splits[i][1] for i in indices]
+        images = ImagesOnly(ConcatDataset(pool))
         unlabeled = self._loader(images, self.unlabeled_batch_size, True)
         return CombinedLoader({"sources": loaders, "unlabeled": unlabeled}, mode="max_size_cycle")
 

@@ -17,7 +17,7 @@ from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 from dgkit.data.base import MultiDomainDataset
-from dgkit.errors import DGKitError
+from dgkit.errors import ConfigError, DGKitError
 
 MNIST_FILE = "data/data/mnist_5k.csv.gz"
 
@@ -84,6 +84,13 @@ class RotatedMNIST(_MNISTDomains):
         return TensorDataset(x, labels)
 
 
+def _agreement_name(agreement: float) -> str:
+    """DomainBed's names: +90% (colour agrees 90%), -90% (agrees 10%), 50%."""
+    if agreement > 0.5:
+        return f"+{agreement:.0%}"
+    return f"-{1 - agreement:.0%}" if agreement < 0.5 else "50%"
+
+
 class ColoredMNIST(_MNISTDomains):
     """Binary digit<5 with 25% label noise; the colour agrees with the label with
     probability 0.9, 0.8 and 0.1 in the three environments (DomainBed's +90%, +80%, -90%)."""
@@ -93,6 +100,25 @@ class ColoredMNIST(_MNISTDomains):
     num_classes = 2
     input_shape = (2, 28, 28)
     default_test_domains = ("-90%",)
+
+    def __init__(self, seed: int = 0, color_agreement: list[float] | None = None):
+        """
+        Args:
+            seed: seed of the digit shuffle, label noise and colouring.
+            color_agreement: probability that the colour agrees with the (noisy) label in
+                each domain; default DomainBed's [0.9, 0.8, 0.1]. A domain at 0.5, where
+                colour says nothing about the label, makes an unlabeled pool on which a
+                shape-based hypothesis is independent of the colour-based one.
+        """
+        super().__init__(seed)
+        if color_agreement is not None:
+            if not color_agreement or not all(0.0 <= a <= 1.0 for a in color_agreement):
+                raise ConfigError("data.dataset.color_agreement", f"{color_agreement}",
+                                  "a non-empty list of probabilities")
+            self.environments = tuple(1.0 - a for a in color_agreement)
+            self.domains = tuple(_agreement_name(a) for a in color_agreement)
+            self.default_test_domains = (self.domains[min(range(len(color_agreement)),
+                                                          key=color_agreement.__getitem__)],)
 
     def make_domain(self, images, labels, env, g):
         y = (labels < 5).long()
