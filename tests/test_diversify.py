@@ -78,8 +78,9 @@ def test_dbat_trains_its_models_one_after_another():
     assert not algo.members[0].training and algo.members[1].training  # earlier model frozen
 
 
-def test_divdis_through_the_cli_logs_heads_and_marks_transductive(tmp_path):
-    main(["fit", "--algo", "divdis", "--data", "colored_mnist", "--data.unlabeled", "target",
+@pytest.mark.parametrize("algo", ["divdis", "dbat"])
+def test_through_the_cli_logs_heads_and_marks_transductive(algo, tmp_path):
+    main(["fit", "--algo", algo, "--data", "colored_mnist", "--data.unlabeled", "target",
           "--model.backbone", "mlp", "--trainer.max_steps", "5", "--trainer.enable_progress_bar", "false"])
     (path,) = tmp_path.glob("runs/*/test_results.json")
     results = json.loads(path.read_text())

@@ -29,7 +29,9 @@ class DRM(Algorithm):
     def __init__(self, task: Task, backbone: Backbone, selection: Literal["sample", "batch"] = "sample",
                  gamma: float = -1.0, beta: float = 1.1, alpha: float = 1.0, test_lr: float = 1e-3,
                  steps: int = 1, label: Literal["drm", "own", "last", "uniform"] = "drm",
-                 legacy_double_softmax: bool = False):
+                 legacy_double_softmax: bool = False,
+                 domain_selector: Literal["entropy", "nn", "cosine"] = "entropy",
+                 bank_rows: int = 1600):
         """
         Args:
             selection: steer per ``sample`` (the paper) or per ``batch`` (the reference
@@ -47,6 +49,13 @@ class DRM(Algorithm):
                 mean).
             legacy_double_softmax: threshold the reference's softmax of the steered
                 probabilities (at most e/(e+C-1)) instead of the probabilities.
+            domain_selector: how a sample's head is chosen under hard selection:
+                ``entropy`` (the paper: lowest prediction entropy over all heads);
+                ``nn``: a domain classifier on the (detached) features, trained beside the
+                heads; ``cosine``: the source domain whose feature prototype (mean of a
+                FIFO bank of recent training features) is most cosine-similar.
+            bank_rows: features each domain's bank keeps (``cosine``); the reference keeps
+                ``prototype_K`` (50) batches, 1600 rows at 32 per domain.
         """
         super().__init__(task, backbone)
         check(selection in ("sample", "batch"), "model.algorithm.selection", f"{selection!r}",
@@ -54,7 +63,17 @@ class DRM(Algorithm):
         check(label in ("drm", "own", "last", "uniform"), "model.algorithm.label", f"{label!r}",
               "drm, own, last, uniform")
         check(steps >= 1, "model.algorithm.steps", f"{steps}", ">= 1")
+        check(domain_selector in ("entropy", "nn", "cosine"), "model.algorithm.domain_selector",
+              f"{domain_selector!r}", "entropy, nn, cosine")
         self.featurizer = self.build_featurizer()
+        self.domain_selector = domain_selector
+        width, n_domains = self.featurizer.n_outputs, task.num_domains
+        self.discriminator = nn.Sequential(nn.Linear(width, width), nn.ReLU(),
+                                           nn.Linear(width, n_domains)) if domain_selector == "nn" else None
+        check(bank_rows >= 1, "model.algorithm.bank_rows", f"{bank_rows}", ">= 1")
+        self.bank_size = bank_rows
+        self.register_buffer("bank", torch.zeros(n_domains, bank_rows, width))
+        self.register_buffer("bank_filled", torch.zeros(n_domains, dtype=torch.long))
         self.heads = nn.ModuleList(self.build_classifier(self.featurizer.n_outputs)
                                    for _ in range(task.num_domains + 1))
         self.num_heads = task.num_domains + 1
@@ -71,11 +90,34 @@ class DRM(Algorithm):
         z = self.featurizer(x)
         return torch.stack([h(z) for h in self.heads], dim=1)
 
-    def training_loss(self, batch: Batch) -> Tensor:
-        logits = self.head_logits(batch.x)
+    def training_loss(self, batch: Batch) -> Tensor | dict[str, Tensor]:
+        z = self.featurizer(batch.x)
+        logits = torch.stack([h(z) for h in self.heads], dim=1)
         own = logits[torch.arange(len(batch.y)), batch.domain]
-        shared = logits[:, -1]
-        return (F.cross_entropy(own, batch.y) + F.cross_entropy(shared, batch.y)) / 2
+        loss = (F.cross_entropy(own, batch.y) + F.cross_entropy(logits[:, -1], batch.y)) / 2
+        if self.domain_selector == "nn":  # on detached features: it never shapes them
+            domain_loss = F.cross_entropy(self.discriminator(z.detach()), batch.domain)
+            return {"loss": loss + domain_loss, "domain_loss": domain_loss.detach()}
+        if self.domain_selector == "cosine":
+            self._enqueue(z.detach(), batch.domain)
+        return loss
+
+    @torch.no_grad()
+    def _enqueue(self, z: Tensor, domain: Tensor) -> None:
+        """FIFO bank of the latest ``bank_rows`` features per source domain."""
+        for d in range(self.task.num_domains):
+            rows = z[domain == d][: self.bank_size]
+            if len(rows):
+                self.bank[d] = torch.cat([self.bank[d, len(rows):], rows])
+                self.bank_filled[d] = min(self.bank_size, int(self.bank_filled[d]) + len(rows))
+
+    def selected_domain(self, z: Tensor) -> Tensor:
+        """The source domain a sample is routed to by ``nn`` or ``cosine``."""
+        if self.domain_selector == "nn":
+            return self.discriminator(z).argmax(1)
+        means = torch.stack([self.bank[d, self.bank_size - max(1, int(n)):].mean(0)
+                             for d, n in enumerate(self.bank_filled)])
+        return (F.normalize(z, dim=1) @ F.normalize(means, dim=1).T).argmax(1)
 
     def steer(self, logits: Tensor) -> tuple[Tensor, Tensor]:
         """Steered class probabilities ``[B, C]`` and the head each sample used (-1 when
@@ -93,6 +135,11 @@ class DRM(Algorithm):
         return probs[torch.arange(len(probs)), head], head
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.domain_selector != "entropy":
+            z = self.featurizer(x)
+            head = self.selected_domain(z)
+            logits = torch.stack([h(z) for h in self.heads], dim=1)
+            return logits[torch.arange(len(x)), head]
         return self.steer(self.head_logits(x))[0].clamp_min(1e-12).log()
 
     def adapt(self, x: Tensor) -> Tensor:
