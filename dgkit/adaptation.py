@@ -115,3 +115,23 @@ def algo_device(algo: Algorithm) -> torch.device:
 def _public_attributes(algo: Algorithm) -> list[str]:
     return [n for n, v in vars(algo).items()
             if not n.startswith("_") and isinstance(v, (int, float, str, bool))]
+
+
+class TestOptimizerState:
+    """Mixin for algorithms that own an optimizer used only at test time (ITTA's adaptive
+    parameters, DRM's head retraining): its state travels in the module's state dict, so
+    restoring the trained state between domains also resets the optimizer's moments."""
+
+    __test__ = False  # not a pytest test class, despite its name
+    _test_optimizer: torch.optim.Optimizer
+
+    def _new_test_optimizer(self) -> torch.optim.Optimizer:
+        raise NotImplementedError
+
+    def get_extra_state(self) -> dict:
+        return {"test_optimizer": self._test_optimizer.state_dict()}
+
+    def set_extra_state(self, state: dict) -> None:
+        self._test_optimizer = self._new_test_optimizer()
+        if state and state.get("test_optimizer", {}).get("state"):
+            self._test_optimizer.load_state_dict(state["test_optimizer"])

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dgkit import Algorithm, Backbone, Batch, Task
+from dgkit.adaptation import TestOptimizerState
 from dgkit.errors import check
 
 
@@ -22,7 +23,7 @@ def entropy(probs: Tensor) -> Tensor:
     return -(probs * probs.clamp_min(1e-12).log()).sum(-1)
 
 
-class DRM(Algorithm):
+class DRM(TestOptimizerState, Algorithm):
     """Heads ``0..D-1`` for the source domains, head ``D`` shared; each training sample
     trains its own domain's head and the shared head."""
 
@@ -171,11 +172,3 @@ class DRM(Algorithm):
             loss.backward(inputs=list(self.heads.parameters()))
             self._test_optimizer.step()
         return prediction.clamp_min(1e-12).log()  # predicted before this batch's update
-
-    def get_extra_state(self) -> dict:
-        return {"test_optimizer": self._test_optimizer.state_dict()}
-
-    def set_extra_state(self, state: dict) -> None:
-        self._test_optimizer = self._new_test_optimizer()
-        if state and state.get("test_optimizer", {}).get("state"):
-            self._test_optimizer.load_state_dict(state["test_optimizer"])

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dgkit import Algorithm, Backbone, Batch, Optimization, Task
+from dgkit.adaptation import TestOptimizerState
 from dgkit.errors import check
 from dgkit.networks import split_stages
 
@@ -50,7 +51,7 @@ def _zscore(v: Tensor) -> Tensor:
     return (v - v.mean().item()) / max(v.std().item(), 1e-12)
 
 
-class ITTA(Algorithm):
+class ITTA(TestOptimizerState, Algorithm):
     """Learned consistency loss in training; test-time updates of per-stage maps only."""
 
     manual_optimization = True
@@ -165,13 +166,3 @@ class ITTA(Algorithm):
         with torch.no_grad():
             z, _ = self.two_stream(x, adapted=True, augment=False)
             return self.classifier(z)
-
-    # The test optimizer's state travels with the state dict, so restoring the trained
-    # state between domains also resets Adam's moments for the adaptive parameters.
-    def get_extra_state(self) -> dict:
-        return {"test_optimizer": self._test_optimizer.state_dict()}
-
-    def set_extra_state(self, state: dict) -> None:
-        self._test_optimizer = self._new_test_optimizer()
-        if state and state.get("test_optimizer", {}).get("state"):
-            self._test_optimizer.load_state_dict(state["test_optimizer"])
