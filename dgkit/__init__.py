@@ -5,7 +5,7 @@ import os
 # albumentations asks PyPI for updates on import; that hangs or warns offline.
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
-from dgkit.algorithm import Algorithm, Batch, Optimization
+from dgkit.algorithm import Algorithm, Batch, Optimization, Progress
 from dgkit.hookspecs import hookimpl
 from dgkit.networks import Backbone
 from dgkit.task import Task

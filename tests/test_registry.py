@@ -57,3 +57,10 @@ def test_installed_plugin_registers_and_broken_one_is_reported(installed_plugins
     assert broken and broken[0].distribution == "dgkit-broken-plugin"
     assert "a_dependency_that_is_not_installed" in broken[0].error
     assert "erm" in loaded["algorithm"]
+
+
+def test_public_api_names_all_exist():
+    import dgkit
+
+    for name in dgkit.__all__:
+        assert hasattr(dgkit, name), name
