@@ -85,7 +85,7 @@ def select_hyperparameters(stage: TestTimeStage, space: Mapping[str, list],
         if not hasattr(algo, name):
             raise ConfigError("model.tta_grid", f"{type(algo).__name__} has no hyperparameter "
                               f"{name!r}", ", ".join(sorted(_public_attributes(algo))))
-    original = {name: getattr(algo, name) for name in space}
+    device = next(algo.parameters()).device
     scores = []
     for config in grid(space):
         for name, value in config.items():
@@ -94,22 +94,18 @@ def select_hyperparameters(stage: TestTimeStage, space: Mapping[str, list],
         for index, stream in enumerate(streams):
             correct = total = 0
             for x, y, *_ in stream:
-                x, y = x.to(algo_device(algo)), y.to(algo_device(algo))
+                x, y = x.to(device), y.to(device)
                 pred = stage.predict(("select", index), x).argmax(1)
                 correct += (pred == y).sum().item()
                 total += len(y)
             accuracies.append(correct / max(total, 1))
         scores.append((config, sum(accuracies) / len(accuracies)))
         stage.restart()  # the next configuration starts from the trained state
-    best = max(scores, key=lambda item: item[1])[0] if scores else original
+    best = max(scores, key=lambda item: item[1])[0]  # grid() yields at least one config
     for name, value in best.items():
         setattr(algo, name, value)
     stage.restore()
     return best, scores
-
-
-def algo_device(algo: Algorithm) -> torch.device:
-    return next(algo.parameters()).device
 
 
 def _public_attributes(algo: Algorithm) -> list[str]:

@@ -209,7 +209,7 @@ def _is_alias(flag: str, value: str) -> bool:
     if value in registry(kind):
         return True
     # A bare word that is no alias: --data.dataset also accepts class names (RotatedMNIST).
-    if flag != "--algo" and value[:1].isupper():
+    if value[:1].isupper():
         return False
     raise UnknownAliasError(kind, value, registry(kind).entries)
 

@@ -107,7 +107,7 @@ class DGModule(LightningModule):
         # Several hypotheses (DRM, DivDis, D-BAT): each head's accuracy beside the result.
         self.head_metrics = nn.ModuleDict({
             stage: nn.ModuleList(
-                MetricCollection({f"accuracy_head{h}": factories.get("accuracy", accuracy_metric)(self.task)
+                MetricCollection({f"accuracy_head{h}": accuracy_metric(self.task)
                                   for h in range(self.algorithm.num_heads)})
                 for _ in domains[stage])
             for stage in ("val", "oracle", "test")
@@ -213,7 +213,7 @@ class DGModule(LightningModule):
     def forward(self, x: Tensor) -> Tensor:
         return self.algorithm(x)
 
-    def _evaluate(self, stage: str, index: int, batch: Any) -> Tensor:
+    def _evaluate(self, stage: str, index: int, batch: Any) -> None:
         x, y = batch[0], batch[1]
         if self.tta.active:
             if "test_unadapted" in self.domain_metrics and stage == "test":
@@ -223,7 +223,6 @@ class DGModule(LightningModule):
             logits = self.algorithm(x)
         self._update(stage, index, logits, y)
         self._update_heads(stage, index, x, y)
-        return logits
 
     def _update(self, stage: str, index: int, logits: Tensor, y: Tensor) -> None:
         self.domain_metrics[stage][index].update(logits, y)

@@ -111,6 +111,8 @@ class DomainDataModule(LightningDataModule):
             raise ConfigError("data.num_workers", f"{num_workers} workers", ">= 0")
         chosen = list(ds.default_test_domains) if test_domains is None else list(test_domains)
         self.test_indices = sorted({self._domain_index(d) for d in chosen})
+        if unlabeled not in ("none", "target", "source_holdout", "domains"):
+            raise ConfigError("data.unlabeled", f"{unlabeled!r}", "none, target, source_holdout, domains")
         if (unlabeled == "domains") != bool(unlabeled_domains):
             raise ConfigError("data.unlabeled_domains", "goes with --data.unlabeled domains",
                               "a list of domains together with unlabeled: domains")
@@ -128,8 +130,6 @@ class DomainDataModule(LightningDataModule):
         self.holdout_fraction, self.split_seed = holdout_fraction, split_seed
         self.oracle, self.num_workers, self.pin_memory = oracle, num_workers, pin_memory
         self.shuffle = shuffle
-        if unlabeled not in ("none", "target", "source_holdout", "domains"):
-            raise ConfigError("data.unlabeled", f"{unlabeled!r}", "none, target, source_holdout, domains")
         self.unlabeled = unlabeled
         self.unlabeled_batch_size = unlabeled_batch_size or batch_size * len(self.source_indices)
         self.splits: dict[int, tuple[Dataset, Dataset]] = {}
