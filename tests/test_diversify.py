@@ -78,17 +78,20 @@ def test_dbat_trains_its_models_one_after_another():
     assert not algo.members[0].training and algo.members[1].training  # earlier model frozen
 
 
-@pytest.mark.parametrize("algo", ["divdis", "dbat"])
-def test_through_the_cli_logs_heads_and_marks_transductive(algo, tmp_path):
-    main(["fit", "--algo", algo, "--data", "colored_mnist", "--data.unlabeled", "target",
+@pytest.mark.parametrize(("algo", "unlabeled"), [
+    ("divdis", ["target"]), ("dbat", ["target"]),
+    ("divdis", ["crafted", "--data.unlabeled_shifts", "[blur]"]),
+])
+def test_through_the_cli_logs_heads_and_marks_transductive(algo, unlabeled, tmp_path):
+    main(["fit", "--algo", algo, "--data", "colored_mnist", "--data.unlabeled", *unlabeled,
           "--model.backbone", "mlp", "--trainer.max_steps", "5", "--trainer.enable_progress_bar", "false"])
     (path,) = tmp_path.glob("runs/*/test_results.json")
     results = json.loads(path.read_text())
-    assert results["transductive"] is True
+    assert results["transductive"] is (unlabeled[0] == "target")
     assert {"accuracy", "accuracy_head0", "accuracy_head1"} <= set(results["domains"]["-90%"])
     assert results["head_selection"]["by"] == "target_queries"
     hparams = (next(tmp_path.glob("runs/*/hparams.yaml"))).read_text()
-    assert "unlabeled: target" in hparams
+    assert f"unlabeled: {unlabeled[0]}" in hparams
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSamp
 
 from dgkit.data.base import MultiDomainDataset
 from dgkit.data.mnist import RotatedMNIST
+from dgkit.data.shifts import ShiftedDataset, resolve_categories
 from dgkit.errors import ConfigError
 from dgkit.task import Task
 
@@ -66,8 +67,9 @@ class DomainDataModule(LightningDataModule):
         num_workers: int = 0,
         pin_memory: bool = False,
         shuffle: bool = True,
-        unlabeled: Literal["none", "target", "source_holdout", "domains"] = "none",
+        unlabeled: Literal["none", "target", "source_holdout", "crafted", "domains"] = "none",
         unlabeled_domains: list[str | int] | None = None,
+        unlabeled_shifts: list[str] | None = None,
         unlabeled_batch_size: int | None = None,
     ):
         """
@@ -91,9 +93,14 @@ class DomainDataModule(LightningDataModule):
                 ``target``: the held-out domains' *out* split (never the test images) --
                 transductive, and every result of such a run is marked so;
                 ``source_holdout``: the source domains' *out* split (the validation images,
-                without their labels); ``domains``: every image of ``unlabeled_domains``,
-                which are then neither trained nor tested on; ``none``.
+                without their labels); ``crafted``: that split under crafted shifts
+                (``unlabeled_shifts``), new-looking inputs without touching the targets;
+                ``domains``: every image of ``unlabeled_domains``, which are then neither
+                trained nor tested on; ``none``.
             unlabeled_domains: the domains of ``unlabeled: domains``.
+            unlabeled_shifts: shift categories of ``unlabeled: crafted`` (names from
+                ``dgkit.data.shifts.CATEGORIES``, a fold ``A``/``B``, or ``all``, the
+                default); every source image appears once under each category.
             unlabeled_batch_size: unlabeled images per step (default: ``batch_size`` times
                 the number of source domains, the size of the labelled batch).
         """
@@ -111,8 +118,13 @@ class DomainDataModule(LightningDataModule):
             raise ConfigError("data.num_workers", f"{num_workers} workers", ">= 0")
         chosen = list(ds.default_test_domains) if test_domains is None else list(test_domains)
         self.test_indices = sorted({self._domain_index(d) for d in chosen})
-        if unlabeled not in ("none", "target", "source_holdout", "domains"):
-            raise ConfigError("data.unlabeled", f"{unlabeled!r}", "none, target, source_holdout, domains")
+        if unlabeled not in ("none", "target", "source_holdout", "crafted", "domains"):
+            raise ConfigError("data.unlabeled", f"{unlabeled!r}",
+                              "none, target, source_holdout, crafted, domains")
+        if unlabeled_shifts is not None and unlabeled != "crafted":
+            raise ConfigError("data.unlabeled_shifts", "goes with --data.unlabeled crafted",
+                              "no shifts, or unlabeled: crafted")
+        self.unlabeled_shifts = resolve_categories(unlabeled_shifts or ["all"], "data.unlabeled_shifts")
         if (unlabeled == "domains") != bool(unlabeled_domains):
             raise ConfigError("data.unlabeled_domains", "goes with --data.unlabeled domains",
                               "a list of domains together with unlabeled: domains")
@@ -201,6 +213,9 @@ class DomainDataModule(LightningDataModule):
             return CombinedLoader(loaders, mode="max_size_cycle")
         if self.unlabeled == "domains":
             pool = [part for i in self.unlabeled_indices for part in self.splits[i]]
+        elif self.unlabeled == "crafted":
+            pool = [ShiftedDataset(self.splits[i][1], category, seed=self.split_seed)
+                    for i in self.source_indices for category in self.unlabeled_shifts]
         else:
             indices = self.test_indices if self.unlabeled == "target" else self.source_indices
             pool = [self.splits[i][1] for i in indices]
