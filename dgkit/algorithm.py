@@ -17,14 +17,15 @@ schedulers, logging and checkpoints. Two ways to train:
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from dgkit.networks import Backbone
+from dgkit.errors import DGKitError
+from dgkit.networks import Backbone, Featurizer
 from dgkit.task import Task
 
 if TYPE_CHECKING:
@@ -167,6 +168,44 @@ class Algorithm(nn.Module):
         every batch in episodic mode), so state carries over only within one stream.
         """
         return self(x)
+
+    # --- multi-stage training (Bonsai's rounds) -----------------------------------------
+    def stage_name(self) -> str | None:
+        """The stage the current step (``self.progress``) belongs to, or None for one-stage
+        algorithms. Derive it from the step count so a resumed run finds its stage; the
+        module checkpoints the end of every stage as ``stage-<name>.ckpt``."""
+        return None
+
+    def end_stage(self, name: str) -> None:
+        """Called once when stage ``name`` is over: before the next stage's first step,
+        and at the end of the fit for the last one (e.g. restore the stage's selected
+        snapshot, freeze it)."""
+
+    def on_validation_metrics(self, metrics: Mapping[str, float]) -> None:
+        """The ``val/*`` results of each validation during fit (already reduced across
+        ranks), e.g. to keep the best snapshot of the current stage."""
+
+    # --- a representation other algorithms start from (``--model.init_from``) ---------
+    def representation(self) -> tuple[Featurizer, nn.Module | None]:
+        """The featurizer, and the task classifier if there is one, that another algorithm
+        may start from (default: ``self.featurizer`` and a ``num_classes``-way
+        ``self.classifier``)."""
+        featurizer = getattr(self, "featurizer", None)
+        if not isinstance(featurizer, Featurizer):
+            raise DGKitError(f"{type(self).__name__} has no single featurizer to export; it "
+                             "must override representation()")
+        classifier = getattr(self, "classifier", None)
+        if isinstance(classifier, nn.Linear) and classifier.out_features == self.task.num_classes:
+            return featurizer, classifier
+        return featurizer, None
+
+    def classifiers(self) -> dict[str, nn.Module]:
+        """The task classifiers an imported classifier initializes, by name (default:
+        ``self.classifier`` when it outputs ``num_classes`` logits)."""
+        classifier = getattr(self, "classifier", None)
+        if isinstance(classifier, nn.Linear) and classifier.out_features == self.task.num_classes:
+            return {"classifier": classifier}
+        return {}
 
     # --- helpers shared by most algorithms ------------------------------------------
     def build_featurizer(self) -> nn.Module:

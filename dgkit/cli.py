@@ -122,8 +122,12 @@ class DGCLI(LightningCLI):
             return
         best = self.trainer.checkpoint_callback
         ckpt = "best" if best is not None and best.best_model_path else None
+        stages = list(self.model.stages)  # of the whole fit; loading the best one resets them
         self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt, verbose=False)
-        self._report(ckpt_path=best.best_model_path if ckpt else None)
+        extra = {"stages": stages} if stages else {}
+        if self.model.init_report is not None:
+            extra["init_from"] = self.model.init_report
+        self._report(ckpt_path=best.best_model_path if ckpt else None, **extra)
 
     def after_test(self) -> None:
         self._report(ckpt_path=self.config[self.subcommand].get("ckpt_path"))
@@ -137,7 +141,7 @@ class DGCLI(LightningCLI):
         torch.save(predictions, path)
         Console(stderr=True).print(f"predictions written to {path}")
 
-    def _report(self, ckpt_path: str | None) -> None:
+    def _report(self, ckpt_path: str | None, **extra) -> None:
         if not self.trainer.is_global_zero:
             return
         results = collect_results(self.trainer.callback_metrics, self.model.task,
@@ -146,7 +150,8 @@ class DGCLI(LightningCLI):
                                   seed=self.config[self.subcommand].get("seed_everything"),
                                   test_time_selection=self.model.tta_selection,
                                   head_selection=self.model.head_selection,
-                                  transductive=getattr(self.datamodule, "transductive", False))
+                                  transductive=getattr(self.datamodule, "transductive", False),
+                                  **extra)
         print_results(results)
         if self.trainer.log_dir:
             path = write_results(results, Path(self.trainer.log_dir))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import asdict
 from typing import Any, Literal
@@ -10,6 +11,7 @@ from typing import Any, Literal
 import torch
 from lightning import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torchmetrics import MetricCollection
 
@@ -19,10 +21,10 @@ from dgkit.errors import ConfigError, DGKitError
 from dgkit.metrics import accuracy as accuracy_metric
 from dgkit.networks import Backbone
 from dgkit.plugins import registry
+from dgkit.representation import CHECKPOINT_KEY, load_representation, representation_prefixes
 from dgkit.task import Task
 
 AlgorithmFactory = Callable[[Task, Backbone], Algorithm]
-
 
 
 class DGModule(LightningModule):
@@ -42,6 +44,8 @@ class DGModule(LightningModule):
         adaptation: Literal["domain", "batch"] = "domain",
         adapt_validation: bool = False,
         tta_grid: dict[str, list] | None = None,
+        init_from: str | None = None,
+        freeze_featurizer: bool = False,
     ):
         """
         Args:
@@ -66,6 +70,13 @@ class DGModule(LightningModule):
             tta_grid: test-time hyperparameters to choose before testing, e.g.
                 ``{k: [10, 100], temperature: [0.05, 0.1]}``; chosen by adapted accuracy
                 on the source validation splits, never on test labels.
+            init_from: a checkpoint whose representation initializes this algorithm
+                before training (e.g. a Bonsai run's): its featurizer goes into every
+                featurizer, its classifier (if any) into the task classifiers. Applied
+                at the start of ``fit`` only; resuming and evaluating use the checkpoint
+                being resumed or evaluated.
+            freeze_featurizer: keep the featurizers fixed (weights and BatchNorm
+                statistics); only heads train. With ``init_from``, the "(cf)" protocol.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -115,6 +126,13 @@ class DGModule(LightningModule):
         self.tta = TestTimeStage(self.algorithm, adaptation)
         self.tta_selection: dict | None = None
         self.head_selection: dict | None = None
+        self.init_report: dict | None = None
+        if freeze_featurizer and init_from is None:
+            raise ConfigError("model.freeze_featurizer", "freezes a random featurizer",
+                              "together with --model.init_from CKPT")
+        self._stage: str | None = None
+        #: finished stages of a multi-stage algorithm: name, step and checkpoint file
+        self.stages: list[dict] = []
 
     # --- optimization -----------------------------------------------------------------
     def configure_optimizers(self) -> Any:
@@ -182,10 +200,47 @@ class DGModule(LightningModule):
     def on_train_start(self) -> None:
         self.algorithm.progress.total_steps = int(self.trainer.estimated_stepping_batches)
 
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
-        b = as_batch(batch)
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self.algorithm.progress.step = self.global_step
         self.algorithm.progress.epoch = self.current_epoch
+        stage = self.algorithm.stage_name()
+        if self._stage is not None and stage != self._stage:
+            self._finish_stage(self._stage)
+        self._stage = stage
+
+    def on_train_end(self) -> None:
+        if self._stage is not None and not self.trainer.interrupted:
+            self._finish_stage(self._stage)
+            self._stage = None
+
+    def _finish_stage(self, name: str) -> None:
+        """End a stage of a multi-stage algorithm and keep its model as a checkpoint."""
+        self.algorithm.end_stage(name)
+        record = {"stage": name, "step": self.global_step, "checkpoint": None}
+        callback = self.trainer.checkpoint_callback
+        if callback is not None and callback.dirpath:
+            path = os.path.join(callback.dirpath, f"stage-{name}.ckpt")
+            self.trainer.save_checkpoint(path + ".tmp")
+            if self.trainer.is_global_zero:  # a reader never sees half a file
+                os.replace(path + ".tmp", path)
+            record["checkpoint"] = path
+        self.stages.append(record)
+        kept = f", kept as {record['checkpoint']}" if record["checkpoint"] else ""
+        rank_zero_info(f"{type(self.algorithm).__name__}: stage {name} finished at step "
+                       f"{self.global_step}{kept}")
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["dgkit_stages"] = {"current": self._stage, "finished": self.stages}
+        prefixes = representation_prefixes(self.algorithm)
+        if prefixes is not None:
+            checkpoint[CHECKPOINT_KEY] = prefixes
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        stages = checkpoint.get("dgkit_stages") or {}
+        self._stage, self.stages = stages.get("current"), list(stages.get("finished", []))
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
+        b = as_batch(batch)
         if self.automatic_optimization:
             out = self.algorithm.training_loss(b)
         else:
@@ -265,6 +320,17 @@ class DGModule(LightningModule):
         return batches
 
     def setup(self, stage: str) -> None:
+        # Before a resumed checkpoint is restored, so resuming keeps the resumed weights.
+        if stage == "fit" and self.hparams.init_from and self.init_report is None:
+            self.init_report = load_representation(self.algorithm, self.hparams.init_from,
+                                                   self.hparams.freeze_featurizer)
+            r = self.init_report
+            rank_zero_info(
+                f"init_from {r['checkpoint']}: featurizer ({r['featurizer_from']}) loaded into "
+                f"{', '.join(r['featurizer_into'])}"
+                + (f"; classifier ({r['classifier_from']}) into {', '.join(r['classifier_into'])}"
+                   if r["classifier_into"] else "; no classifier loaded")
+                + ("; featurizer frozen" if r["frozen"] else ""))
         if self.algorithm.needs_grad_at_test:
             # The test-time stage takes gradients: evaluate under no_grad (which adapt()
             # lifts with enable_grad) instead of inference_mode, whose tensors refuse autograd.
@@ -325,12 +391,16 @@ class DGModule(LightningModule):
         self.tta.end()
 
     def on_validation_epoch_end(self) -> None:
-        self._log_metrics(("val", "oracle"))
+        logged = self._log_metrics(("val", "oracle"))
+        if self.trainer.state.fn == "fit" and not self.trainer.sanity_checking:
+            self.algorithm.on_validation_metrics(
+                {k: float(v) for k, v in logged.items() if k.startswith("val/")})
 
     def on_test_epoch_end(self) -> None:
         self._log_metrics(("test", "test_unadapted"))
 
-    def _log_metrics(self, stages: tuple[str, ...]) -> None:
+    def _log_metrics(self, stages: tuple[str, ...]) -> dict[str, Tensor]:
+        logged: dict[str, Tensor] = {}
         for stage in (s for s in stages if s in self._stage_domains):
             per_metric: dict[str, list[Tensor]] = {}
             for i, domain in enumerate(self._stage_domains[stage]):
@@ -342,13 +412,16 @@ class DGModule(LightningModule):
                 for collection in collections:
                     for name, value in collection.compute().items():  # synced across ranks
                         self.log(f"{stage}/{name}/{domain}", value, sync_dist=False)
+                        logged[f"{stage}/{name}/{domain}"] = value
                         per_metric.setdefault(name, []).append(value)
                     collection.reset()
                 self._updated.discard((stage, i))
             # DomainBed averages accuracies over domains (not over pooled samples).
             for name, values in per_metric.items():
-                self.log(f"{stage}/{name}", torch.stack(values).mean(), sync_dist=False,
+                logged[f"{stage}/{name}"] = torch.stack(values).mean()
+                self.log(f"{stage}/{name}", logged[f"{stage}/{name}"], sync_dist=False,
                          prog_bar=stage == "val")
+        return logged
 
 
 def as_batch(batch: Any) -> Batch:

@@ -53,6 +53,13 @@ def print_results(results: dict, console: Console | None = None) -> None:
     console.print(f"checkpoint: {results.get('ckpt_path') or '(weights at the end of training)'}")
     if results.get("transductive"):
         console.print("[bold]transductive[/bold]: training saw unlabeled images of the held-out domains")
+    for stage in results.get("stages", []):
+        console.print(f"stage {stage['stage']} (to step {stage['step']}): "
+                      f"{stage['checkpoint'] or '(not saved)'}")
+    init = results.get("init_from")
+    if init:
+        console.print(f"initialized from {init['checkpoint']}"
+                      + (" (featurizer frozen)" if init["frozen"] else ""))
     selection = results.get("head_selection")
     if selection:
         console.print(f"head {selection['selected_head']} chosen by {selection['by']} "

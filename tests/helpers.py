@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import functools
+import os
+import signal
 
 import torch
-from lightning import Trainer, seed_everything
+from lightning import Callback, Trainer, seed_everything
 
 from dgkit.data import DomainDataModule
 from dgkit.data.mnist import RotatedMNIST
@@ -50,3 +52,15 @@ def plain_optimization(optimizer: torch.optim.Optimizer):
 
     return Optimization([optimizer], lambda loss, **kw: loss.backward(**kw), lambda opt: opt.step(),
                         contextlib.nullcontext)
+
+
+class KillAtStep(Callback):
+    """Kill the process outright (SIGKILL: no cleanup, no final checkpoint) when training
+    reaches ``step``, as a preempted or crashed job would die."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, *args) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGKILL)

@@ -2,6 +2,7 @@
 
 from dgkit import hookimpl
 from dgkit_algorithms.adanpc import AdaNPC
+from dgkit_algorithms.bonsai import Bonsai
 from dgkit_algorithms.diversify import DBAT, DivDis
 from dgkit_algorithms.drm import DRM
 from dgkit_algorithms.erm import ERM
@@ -14,5 +15,5 @@ from dgkit_algorithms.udim import UDIM
 def dgkit_algorithms():
     return {
         "erm": ERM, "sam": SAM, "asam": ASAM, "udim": UDIM, "adanpc": AdaNPC, "itta": ITTA,
-        "divdis": DivDis, "dbat": DBAT, "drm": DRM,
+        "divdis": DivDis, "dbat": DBAT, "drm": DRM, "bonsai": Bonsai,
     }

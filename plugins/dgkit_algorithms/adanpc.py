@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from dgkit import Algorithm, Backbone, Batch, Optimization, Task
 from dgkit.distributed import gather_rows
@@ -69,6 +69,12 @@ class AdaNPC(Algorithm):
 
     def extra_optimizers(self, make):
         return self.base.extra_optimizers(make)
+
+    def representation(self):
+        return self.base.representation()
+
+    def classifiers(self) -> dict[str, nn.Module]:
+        return {f"base.{name}": m for name, m in self.base.classifiers().items()}
 
     def forward(self, x: Tensor) -> Tensor:
         """The base model's own prediction (AdaNPC without its memory)."""

@@ -157,6 +157,13 @@ class DBAT(SelectsHead):
     def head_logits(self, x: Tensor) -> Tensor:
         return torch.stack([m(x) for m in self.members], dim=1)
 
+    def representation(self):
+        member = self.members[int(self.selected_head)]
+        return member[0], member[1]
+
+    def classifiers(self) -> dict[str, nn.Module]:
+        return {f"members.{i}.1": m[1] for i, m in enumerate(self.members)}
+
     def training_loss(self, batch: Batch) -> dict[str, Tensor]:
         unlabeled = self.require_unlabeled(batch)
         current = self.members[self.stage]

@@ -87,6 +87,12 @@ class DRM(TestOptimizerState, Algorithm):
     def _new_test_optimizer(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.heads.parameters(), lr=self.test_lr * self.alpha)
 
+    def representation(self):
+        return self.featurizer, self.heads[-1]  # the shared head, trained on every domain
+
+    def classifiers(self) -> dict[str, nn.Module]:
+        return {f"heads.{i}": head for i, head in enumerate(self.heads)}
+
     def head_logits(self, x: Tensor) -> Tensor:
         z = self.featurizer(x)
         return torch.stack([h(z) for h in self.heads], dim=1)

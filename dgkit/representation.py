@@ -1,0 +1,95 @@
+"""Starting one algorithm from another's representation (``--model.init_from CKPT``).
+
+A checkpoint names, under ``dgkit_representation``, which of its weights are the
+exporting algorithm's featurizer and classifier (``Algorithm.representation()``; Bonsai
+exports its synthesis network and the mean of its task heads). Loading copies that
+featurizer into *every* featurizer of the new algorithm (all of D-BAT's members, DRM's
+shared one) and the classifier into its ``classifiers()``, and can freeze the
+featurizers -- the "(cf)" setting of Zhang et al., where only the heads train.
+"""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from dgkit.algorithm import Algorithm
+from dgkit.errors import ConfigError
+from dgkit.networks import Featurizer
+
+CHECKPOINT_KEY = "dgkit_representation"
+DEFAULT_PREFIXES = {"featurizer": "algorithm.featurizer", "classifier": "algorithm.classifier"}
+
+
+def representation_prefixes(algorithm: Algorithm, owner: str = "algorithm") -> dict[str, str] | None:
+    """State-dict prefixes of ``algorithm``'s exported networks, or None if it has none."""
+    try:
+        featurizer, classifier = algorithm.representation()
+    except Exception:  # an algorithm without a single featurizer simply exports nothing
+        return None
+    names = {id(m): name for name, m in algorithm.named_modules()}
+    prefixes = {"featurizer": f"{owner}.{names[id(featurizer)]}"}
+    if classifier is not None and id(classifier) in names:
+        prefixes["classifier"] = f"{owner}.{names[id(classifier)]}"
+    return prefixes
+
+
+def _sub_state(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix) + 1:]: v for k, v in state.items() if k.startswith(prefix + ".")}
+
+
+def load_representation(algorithm: Algorithm, path: str | Path, freeze: bool = False) -> dict:
+    """Initialize ``algorithm`` from the representation in checkpoint ``path``; returns
+    what was loaded where (for the log and the results)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError("model.init_from", f"no checkpoint at {str(path)!r}",
+                          "a .ckpt written by `dgkit fit` (e.g. a Bonsai run's best or last)")
+    try:
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            # Written from Python with objects in its hyperparameters (functools.partial):
+            # the user's own file, which Lightning would load the same way to resume it.
+            checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        state = checkpoint["state_dict"]
+    except Exception as exc:
+        raise ConfigError("model.init_from", f"{path} is not a dgkit checkpoint ({exc})",
+                          "a .ckpt written by `dgkit fit`") from None
+    prefixes = checkpoint.get(CHECKPOINT_KEY) or DEFAULT_PREFIXES
+    featurizer_state = _sub_state(state, prefixes["featurizer"])
+    if not featurizer_state:
+        raise ConfigError("model.init_from", f"{path} holds no featurizer under "
+                          f"{prefixes['featurizer']!r}", "a checkpoint of an algorithm with a featurizer")
+    report: dict = {"checkpoint": str(path), "featurizer_from": prefixes["featurizer"],
+                    "featurizer_into": [], "classifier_into": [], "frozen": freeze}
+    for name, module in algorithm.named_modules():
+        if isinstance(module, Featurizer):
+            _load(module, featurizer_state, "featurizer", path)
+            report["featurizer_into"].append(name)
+            if freeze:
+                module.requires_grad_(False)
+                module.freeze_bn = True  # frozen means frozen: BatchNorm statistics too
+    if not report["featurizer_into"]:
+        raise ConfigError("model.init_from", f"{type(algorithm).__name__} has no featurizer "
+                          "to initialize", "an algorithm built with build_featurizer()")
+    classifier_state = _sub_state(state, prefixes["classifier"]) if "classifier" in prefixes else {}
+    if classifier_state:
+        report["classifier_from"] = prefixes["classifier"]
+        for name, module in algorithm.classifiers().items():
+            _load(module, classifier_state, "classifier", path)
+            report["classifier_into"].append(name)
+    return report
+
+
+def _load(module: nn.Module, state: dict[str, torch.Tensor], what: str, path: Path) -> None:
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[1:2] or [str(exc)]
+        raise ConfigError("model.init_from", f"the {what} in {path} does not fit this model "
+                          f"({first[0].strip()})", "the same --model.backbone and data set as the "
+                          "run that wrote it") from None
