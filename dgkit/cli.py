@@ -22,6 +22,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, RichProgre
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from rich.console import Console
+from rich.text import Text
 
 from dgkit.data import DomainDataModule
 from dgkit.errors import ConfigError, DGKitError, UnknownAliasError
@@ -246,9 +247,19 @@ def main(argv: Sequence[str] | None = None) -> None:
             return
         DGCLI(data_from_checkpoint(rewrite_aliases(argv)))
     except (DGKitError, MisconfigurationException) as exc:
+        # Text, not markup: messages hold brackets ("[Art]") that rich would swallow.
         Console(stderr=True, soft_wrap=True).print(
-            f"[bold red]dgkit: error:[/bold red] {exc}", highlight=False, markup=True)
+            Text("dgkit: error: ", style="bold red") + Text(_user_message(exc)), highlight=False)
         sys.exit(2)
+
+
+def _user_message(exc: BaseException) -> str:
+    """The error's own message; a DataLoader worker re-raises it wrapped in its traceback."""
+    message = str(exc)
+    if "Original Traceback" in message:
+        last = message.rstrip().splitlines()[-1]
+        message = last.split(": ", 1)[1] if ": " in last else last
+    return message
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import ClassVar
 
 from torch.utils.data import Dataset
@@ -24,6 +25,13 @@ class MultiDomainDataset:
     def domain_dataset(self, index: int) -> Dataset:
         """All samples of domain ``self.domains[index]``."""
         raise NotImplementedError
+
+    def transform(self, train: bool) -> Callable | None:
+        """What turns a stored input into a model input, for training samples (``train``)
+        or evaluation ones; the data module applies it after splitting, so a domain's
+        training split is augmented and its held-out split is not. None: the domain
+        datasets already yield tensors (the embedded MNIST domains)."""
+        return None
 
     @property
     def name(self) -> str:

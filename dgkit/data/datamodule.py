@@ -33,6 +33,20 @@ def split_indices(n: int, holdout_fraction: float, seed: int) -> tuple[list[int]
     return sorted(order[n_out:]), sorted(order[:n_out])
 
 
+class Transformed(Dataset):
+    """``(fn(x), y, ...)`` for the samples of ``data``."""
+
+    def __init__(self, data: Dataset, fn):
+        self.data, self.fn = data, fn
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int):
+        x, *rest = self.data[index]
+        return (self.fn(x), *rest)
+
+
 class ImagesOnly(Dataset):
     """A data set's inputs without their labels."""
 
@@ -185,6 +199,11 @@ class DomainDataModule(LightningDataModule):
                 raise ConfigError("data.batch_size", f"source domain {self.dataset.domains[i]!r} "
                                   f"has only {n} training samples", f"<= {n}")
 
+    def _view(self, data: Dataset, train: bool) -> Dataset:
+        """``data`` as model inputs: the data set's training or evaluation transform."""
+        fn = self.dataset.transform(train)
+        return data if fn is None else Transformed(data, fn)
+
     def _loader(self, data: Dataset, batch_size: int, train: bool) -> DataLoader:
         sampler = None
         trainer = self.trainer
@@ -207,7 +226,7 @@ class DomainDataModule(LightningDataModule):
     def train_dataloader(self) -> CombinedLoader:
         # One minibatch per source domain per step; smaller domains cycle (DomainBed
         # draws each domain's batch independently).
-        loaders = [self._loader(self.splits[i][0], self.batch_size, True)
+        loaders = [self._loader(self._view(self.splits[i][0], True), self.batch_size, True)
                    for i in self.source_indices]
         if self.unlabeled == "none":
             return CombinedLoader(loaders, mode="max_size_cycle")
@@ -219,7 +238,7 @@ class DomainDataModule(LightningDataModule):
         else:
             indices = self.test_indices if self.unlabeled == "target" else self.source_indices
             pool = [self.splits[i][1] for i in indices]
-        images = ImagesOnly(ConcatDataset(pool))
+        images = ImagesOnly(self._view(ConcatDataset(pool), False))
         unlabeled = self._loader(images, self.unlabeled_batch_size, True)
         return CombinedLoader({"sources": loaders, "unlabeled": unlabeled}, mode="max_size_cycle")
 
@@ -227,10 +246,10 @@ class DomainDataModule(LightningDataModule):
         streams = [self.splits[i][1] for i in self.source_indices]
         if self.oracle:
             streams += [self.splits[i][1] for i in self.test_indices]
-        return [self._loader(s, self.eval_batch_size, False) for s in streams]
+        return [self._loader(self._view(s, False), self.eval_batch_size, False) for s in streams]
 
     def test_dataloader(self) -> list[DataLoader]:
-        return [self._loader(self.splits[i][0], self.eval_batch_size, False)
+        return [self._loader(self._view(self.splits[i][0], False), self.eval_batch_size, False)
                 for i in self.test_indices]
 
     def source_eval_dataloader(self, include_holdout: bool = True) -> DataLoader:
@@ -240,8 +259,8 @@ class DomainDataModule(LightningDataModule):
         parts = [self.splits[i][0] for i in self.source_indices]
         if include_holdout:
             parts += [self.splits[i][1] for i in self.source_indices]
-        return DataLoader(ConcatDataset(parts), batch_size=self.eval_batch_size, shuffle=False,
-                          num_workers=self.num_workers, pin_memory=self.pin_memory)
+        return DataLoader(self._view(ConcatDataset(parts), False), batch_size=self.eval_batch_size,
+                          shuffle=False, num_workers=self.num_workers, pin_memory=self.pin_memory)
 
     def predict_dataloader(self) -> list[DataLoader]:
         return self.test_dataloader()

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from dgkit.data.transforms import read_rgb
 from dgkit.errors import ConfigError
 
 WORK_SIZE = 227
@@ -278,13 +279,20 @@ class ShiftedDataset(Dataset):
     def __init__(self, data: Dataset, category: str, seed: int = 0, cache: bool = True):
         self.data, self.category, self.seed = data, category, seed
         self.transform = category_transform(category)
-        self._cache: dict[int, torch.Tensor] | None = {} if cache else None
+        self._cache: dict[int, torch.Tensor | np.ndarray] | None = {} if cache else None
 
     def __len__(self) -> int:
         return len(self.data)
 
     def __getitem__(self, index: int):
         x, *rest = self.data[index]
+        if isinstance(x, str):  # an image file: shift the decoded RGB image, before any transform
+            if self._cache is None or index not in self._cache:
+                image = shift_image(read_rgb(x), self.transform, _seed(self.seed, self.category, index))
+                if self._cache is None:
+                    return (image, *rest)
+                self._cache[index] = image
+            return (self._cache[index], *rest)
         if self._cache is not None and index in self._cache:
             return (self._cache[index].float().div_(255.0), *rest)
         shifted = shift_tensor(x, self.transform, _seed(self.seed, self.category, index))
