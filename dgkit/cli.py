@@ -110,6 +110,12 @@ class DGCLI(LightningCLI):
         return super()._instantiate_trainer(config, callbacks)
 
     def after_instantiate_classes(self) -> None:
+        # Benchmarks with an official selection protocol (WILDS: its OOD validation split
+        # and metric) replace the default training-domain validation accuracy.
+        metric = getattr(getattr(self.datamodule, "dataset", None), "selection_metric", None)
+        callback = self.trainer.checkpoint_callback
+        if metric and callback is not None and callback.monitor == "val/accuracy":
+            callback.monitor = metric
         # Keep TensorBoard's events inside the CSV logger's run directory (one run, one
         # folder) instead of letting each logger count versions on its own.
         loggers = self.trainer.loggers
@@ -125,7 +131,9 @@ class DGCLI(LightningCLI):
         ckpt = "best" if best is not None and best.best_model_path else None
         stages = list(self.model.stages)  # of the whole fit; loading the best one resets them
         self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt, verbose=False)
-        extra = {"stages": stages} if stages else {}
+        extra: dict = {"stages": stages} if stages else {}
+        if best is not None and best.monitor:
+            extra["selection"] = f"best {best.monitor} ({best.mode})"
         if self.model.init_report is not None:
             extra["init_from"] = self.model.init_report
         self._report(ckpt_path=best.best_model_path if ckpt else None, **extra)
@@ -244,6 +252,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         if argv[:1] == ["list"]:
             print_plugins()
+            return
+        if argv[:1] == ["data"]:
+            from dgkit.data.download import main as data_main
+
+            data_main(argv[1:])
             return
         DGCLI(data_from_checkpoint(rewrite_aliases(argv)))
     except (DGKitError, MisconfigurationException) as exc:

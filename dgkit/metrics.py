@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
+from torchmetrics.utilities import dim_zero_cat
 
 from dgkit.hookspecs import hookimpl
 from dgkit.task import Task
@@ -20,3 +25,29 @@ def macro_f1(task: Task) -> Metric:
 @hookimpl
 def dgkit_metrics():
     return {"accuracy": accuracy, "macro_f1": macro_f1}
+
+
+class OfficialEvaluation(Metric):
+    """A benchmark's own evaluator over a whole stream (WILDS' ``dataset.eval``), which
+    needs every prediction with its metadata: worst-group and macro metrics do not
+    average over batches. Predictions are gathered across ranks before it runs."""
+
+    full_state_update = False
+
+    def __init__(self, evaluate: Callable[[Tensor, Tensor, Tensor], dict[str, float]]):
+        super().__init__()
+        self.evaluate = evaluate
+        self.add_state("preds", default=[], dist_reduce_fx="cat")
+        self.add_state("target", default=[], dist_reduce_fx="cat")
+        self.add_state("metadata", default=[], dist_reduce_fx="cat")
+
+    def update(self, preds: Tensor, target: Tensor, metadata: Tensor) -> None:
+        self.preds.append(preds.argmax(-1) if preds.ndim > 1 else preds)
+        self.target.append(target)
+        self.metadata.append(metadata)
+
+    def compute(self) -> dict[str, Tensor]:
+        cat = [dim_zero_cat(s).cpu() for s in (self.preds, self.target, self.metadata)]
+        results = self.evaluate(*cat)
+        return {k: torch.tensor(float(v)) for k, v in results.items()
+                if isinstance(v, int | float) and not isinstance(v, bool)}

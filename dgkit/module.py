@@ -18,6 +18,7 @@ from torchmetrics import MetricCollection
 from dgkit.adaptation import TestTimeStage, select_hyperparameters
 from dgkit.algorithm import Algorithm, Batch, Optimization
 from dgkit.errors import ConfigError, DGKitError
+from dgkit.metrics import OfficialEvaluation
 from dgkit.metrics import accuracy as accuracy_metric
 from dgkit.networks import Backbone
 from dgkit.plugins import registry
@@ -103,10 +104,9 @@ class DGModule(LightningModule):
         # Evaluation streams: ``val`` (source out-splits: training-domain validation),
         # ``oracle`` (target out-splits: test-domain oracle), ``test`` (target in-splits) and,
         # with a test-time stage, ``test_unadapted`` (the same model without it).
-        domains = {"val": self.task.source_domains, "oracle": self.task.target_domains,
-                   "test": self.task.target_domains}
+        domains = dict(self.task.stages)
         if self.algorithm.adapts_at_test:
-            domains["test_unadapted"] = self.task.target_domains
+            domains["test_unadapted"] = domains["test"]
         self.domain_metrics = nn.ModuleDict({
             stage: nn.ModuleList(
                 MetricCollection({n: f(self.task) for n, f in factories.items()})
@@ -121,12 +121,13 @@ class DGModule(LightningModule):
                 MetricCollection({f"accuracy_head{h}": accuracy_metric(self.task)
                                   for h in range(self.algorithm.num_heads)})
                 for _ in domains[stage])
-            for stage in ("val", "oracle", "test")
+            for stage in domains if stage != "test_unadapted"
         }) if self.algorithm.num_heads > 1 else None
         self.tta = TestTimeStage(self.algorithm, adaptation)
         self.tta_selection: dict | None = None
         self.head_selection: dict | None = None
         self.init_report: dict | None = None
+        self._official_added = False
         if freeze_featurizer and init_from is None:
             raise ConfigError("model.freeze_featurizer", "freezes a random featurizer",
                               "together with --model.init_from CKPT")
@@ -270,17 +271,19 @@ class DGModule(LightningModule):
 
     def _evaluate(self, stage: str, index: int, batch: Any) -> None:
         x, y = batch[0], batch[1]
+        # WILDS streams carry metadata, which only the official evaluators take.
+        extra = {"metadata": batch[2]} if len(batch) > 2 else {}
         if self.tta.active:
             if "test_unadapted" in self.domain_metrics and stage == "test":
-                self._update("test_unadapted", index, self.algorithm(x), y)
+                self._update("test_unadapted", index, self.algorithm(x), y, **extra)
             logits = self.tta.predict((stage, index), x)
         else:
             logits = self.algorithm(x)
-        self._update(stage, index, logits, y)
+        self._update(stage, index, logits, y, **extra)
         self._update_heads(stage, index, x, y)
 
-    def _update(self, stage: str, index: int, logits: Tensor, y: Tensor) -> None:
-        self.domain_metrics[stage][index].update(logits, y)
+    def _update(self, stage: str, index: int, logits: Tensor, y: Tensor, **extra: Any) -> None:
+        self.domain_metrics[stage][index].update(logits, y, **extra)
         self._updated.add((stage, index))
 
     def _update_heads(self, stage: str, index: int, x: Tensor, y: Tensor) -> None:
@@ -291,11 +294,7 @@ class DGModule(LightningModule):
             metric.update(heads[:, h], y)
 
     def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        n_src = self.task.num_domains
-        if dataloader_idx < n_src:
-            self._evaluate("val", dataloader_idx, batch)
-        else:
-            self._evaluate("oracle", dataloader_idx - n_src, batch)
+        self._evaluate(*self.task.validation_streams[dataloader_idx], batch)
 
     def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._evaluate("test", dataloader_idx, batch)
@@ -304,7 +303,7 @@ class DGModule(LightningModule):
         x = batch[0]
         logits = self.tta.predict(("predict", dataloader_idx), x) if self.tta.active else self.algorithm(x)
         return {"logits": logits, "prediction": logits.argmax(1),
-                "domain": self.task.target_domains[dataloader_idx]}
+                "domain": self.task.stages["test"][dataloader_idx]}
 
     # --- test-time stage ----------------------------------------------------------------
     def _source_data(self, include_holdout: bool):
@@ -320,6 +319,7 @@ class DGModule(LightningModule):
         return batches
 
     def setup(self, stage: str) -> None:
+        self._add_official_evaluation()
         # Before a resumed checkpoint is restored, so resuming keeps the resumed weights.
         if stage == "fit" and self.hparams.init_from and self.init_report is None:
             self.init_report = load_representation(self.algorithm, self.hparams.init_from,
@@ -337,6 +337,17 @@ class DGModule(LightningModule):
             for loop in (self.trainer.validate_loop, self.trainer.test_loop,
                          self.trainer.predict_loop, self.trainer.fit_loop.epoch_loop.val_loop):
                 loop.inference_mode = False
+
+    def _add_official_evaluation(self) -> None:
+        """A benchmark's own evaluator (WILDS) beside the per-stream metrics."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        evaluator = getattr(getattr(datamodule, "dataset", None), "evaluator", None)
+        if evaluator is None or self._official_added:
+            return
+        for collections in self.domain_metrics.values():
+            for collection in collections:
+                collection.add_metrics({"official": OfficialEvaluation(evaluator())})
+        self._official_added = True
 
     def _begin_adaptation(self, include_holdout: bool) -> None:
         if self.algorithm.adapts_at_test:
@@ -361,21 +372,23 @@ class DGModule(LightningModule):
     def _choose_head(self) -> None:
         """Disambiguation of multi-hypothesis algorithms, before testing: labelled source
         validation data, or the held-out domains' oracle split (never the test images)."""
-        datamodule, n_src = self.trainer.datamodule, self.task.num_domains
-        loaders = datamodule.val_dataloader()
-        if self.algorithm.selection == "target_queries":
-            if not datamodule.oracle:
-                raise ConfigError("data.oracle", "target_queries draws its labels from the "
-                                  "held-out domains' oracle split", "true")
-            loaders = loaders[n_src:]
-        else:
-            loaders = loaders[:n_src]
+        datamodule = self.trainer.datamodule
+        stage = "oracle" if self.algorithm.selection == "target_queries" else "val"
+        if stage == "oracle" and not getattr(datamodule, "oracle", False):
+            raise ConfigError("data.oracle", "target_queries draws its labels from the "
+                              "held-out domains' oracle split", "true")
+        loaders = self._validation_loaders(stage)
         batches = [(x.to(self.device), y.to(self.device)) for loader in loaders for x, y, *_ in loader]
         self.head_selection = self.algorithm.choose_head(batches)
 
+    def _validation_loaders(self, stage: str) -> list:
+        loaders = self.trainer.datamodule.val_dataloader()
+        return [loader for loader, (s, _) in zip(loaders, self.task.validation_streams, strict=False)
+                if s == stage]
+
     def _select_test_time_hyperparameters(self) -> None:
         self._begin_adaptation(include_holdout=False)
-        val = self.trainer.datamodule.val_dataloader()[: self.task.num_domains]
+        val = self._validation_loaders("val")
         chosen, scores = select_hyperparameters(self.tta, self.hparams.tta_grid, val)
         self.tta.end()
         self.tta_selection = {"chosen": chosen, "validation_accuracy": [
@@ -391,7 +404,7 @@ class DGModule(LightningModule):
         self.tta.end()
 
     def on_validation_epoch_end(self) -> None:
-        logged = self._log_metrics(("val", "oracle"))
+        logged = self._log_metrics(tuple(s for s in self._stage_domains if not s.startswith("test")))
         if self.trainer.state.fn == "fit" and not self.trainer.sanity_checking:
             self.algorithm.on_validation_metrics(
                 {k: float(v) for k, v in logged.items() if k.startswith("val/")})
@@ -430,7 +443,11 @@ def as_batch(batch: Any) -> Batch:
         return batch
     unlabeled = None
     if isinstance(batch, Mapping):
-        batch, unlabeled = batch["sources"], batch["unlabeled"]
+        unlabeled = batch.get("unlabeled")
+        if "mixed" in batch:  # one shuffled stream whose samples carry their domain index
+            x, y, domain = batch["mixed"][:3]
+            return Batch(x, y, domain, unlabeled)
+        batch = batch["sources"]
     xs, ys, ds = [], [], []
     for d, (x, y, *_) in enumerate(batch):
         xs.append(x)

@@ -49,8 +49,8 @@ def test_print_config_round_trips_through_config_file(capsys, tmp_path):
     [
         (["fit", "--algo", "ermm"], "unknown algorithm 'ermm'. Did you mean 'erm'?"),
         (["fit", "--data", "rotated_mnis"], "unknown dataset 'rotated_mnis'. Did you mean "
-                                            "'rotated_mnist'? Known datasets: colored_mnist, domainnet, "
-                                            "officehome, pacs, rotated_mnist"),
+                                            "'rotated_mnist'? Known datasets: camelyon17, colored_mnist, "
+                                            "domainnet, fmow, iwildcam, officehome, pacs, rotated_mnist"),
         (["fit", "--model.optimizer.lr", "-0.1"], "model.optimizer: Invalid learning rate: -0.1"),
         (["fit", "--data.test_domains", "[90]"], "data.test_domains: RotatedMNIST has no domain 90"),
         (["test", "--ckpt_path", "missing.ckpt"], "ckpt_path: no checkpoint file at 'missing.ckpt'"),

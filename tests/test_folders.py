@@ -2,6 +2,7 @@
 layout: listing, albumentations pipelines, clear errors, and a fit through the CLI."""
 
 import json
+from pathlib import Path
 
 import albumentations as A
 import cv2
@@ -113,3 +114,51 @@ def test_crafted_shifts_apply_to_decoded_images_before_the_pipeline(officehome_r
     dm.setup("fit")
     batch, _, _ = next(iter(dm.train_dataloader()))
     assert batch["unlabeled"].shape == (12, 3, 32, 32) and batch["unlabeled"].dtype == torch.float32
+
+
+@pytest.fixture
+def officehome_zip(officehome_root, tmp_path):
+    import shutil
+
+    return Path(shutil.make_archive(str(tmp_path / "officehome"), "zip", officehome_root))
+
+
+def test_download_verifies_and_unpacks_an_archive(officehome_zip, tmp_path, monkeypatch, capsys):
+    from dataclasses import replace
+
+    from dgkit.data import download
+
+    monkeypatch.setitem(download.SOURCES, "officehome",
+                        replace(download.SOURCES["officehome"], images=65 * 4 * 3))
+    main(["data", "download", "officehome", "--root", str(tmp_path / "data"),
+          "--archive", str(officehome_zip)])
+    assert "OfficeHome: 780 images" in capsys.readouterr().out
+    assert len(OfficeHome(root=str(tmp_path / "data")).domain_dataset(3)) == 65 * 3
+    monkeypatch.setitem(download.SOURCES, "officehome", replace(download.SOURCES["officehome"], images=15588))
+    with pytest.raises(DGKitError, match="holds 780 images, the official officehome release has 15588"):
+        download.download("officehome", tmp_path / "again", [str(officehome_zip)])
+
+
+def test_download_rejects_a_corrupt_archive_and_explains_offline_use(officehome_zip, tmp_path, monkeypatch):
+    import urllib.error
+
+    import torchvision.datasets.utils
+
+    from dgkit.data import download
+
+    data = bytearray(officehome_zip.read_bytes())
+    data[200:210] = b"XXXXXXXXXX"  # inside the first member's stored bytes
+    bad = tmp_path / "bad.zip"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(DGKitError, match="fails its CRC-32 check"):
+        download.download("officehome", tmp_path / "d", [str(bad)])
+    with pytest.raises(DGKitError, match=r"MD5 .* differs from the expected 0123"):
+        download.verify_archive(officehome_zip, md5="0123")
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("Name or service not known")
+
+    monkeypatch.setattr(torchvision.datasets.utils, "download_file_from_google_drive", offline)
+    with pytest.raises(DGKitError, match=r"cannot download https://drive\.google\.com/uc\?id=1uY0.*"
+                                         r"--archive FILE"):
+        download.download("officehome", tmp_path / "d")

@@ -22,6 +22,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSamp
 from dgkit.data.base import MultiDomainDataset
 from dgkit.data.mnist import RotatedMNIST
 from dgkit.data.shifts import ShiftedDataset, resolve_categories
+from dgkit.data.wilds_sets import check_no_domain_options
 from dgkit.errors import ConfigError
 from dgkit.task import Task
 
@@ -130,6 +131,10 @@ class DomainDataModule(LightningDataModule):
                               "0 < f < 1")
         if num_workers < 0:
             raise ConfigError("data.num_workers", f"{num_workers} workers", ">= 0")
+        self.official = hasattr(ds, "official_splits")
+        if self.official:
+            check_no_domain_options(test_domains, unlabeled, ds.name)
+            test_domains = []
         chosen = list(ds.default_test_domains) if test_domains is None else list(test_domains)
         self.test_indices = sorted({self._domain_index(d) for d in chosen})
         if unlabeled not in ("none", "target", "source_holdout", "crafted", "domains"):
@@ -149,7 +154,7 @@ class DomainDataModule(LightningDataModule):
                               "pool (that is unlabeled: target)", "domains not in test_domains")
         self.source_indices = [i for i in range(len(ds.domains))
                                if i not in self.test_indices and i not in self.unlabeled_indices]
-        if not self.source_indices:
+        if not self.source_indices and not self.official:
             raise ConfigError("data.test_domains", "every domain is held out; nothing to train on",
                               f"a subset of {list(ds.domains)}")
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
@@ -159,6 +164,8 @@ class DomainDataModule(LightningDataModule):
         self.unlabeled = unlabeled
         self.unlabeled_batch_size = unlabeled_batch_size or batch_size * len(self.source_indices)
         self.splits: dict[int, tuple[Dataset, Dataset]] = {}
+        self.official_train: Dataset | None = None
+        self.official_streams: dict[str, list[Dataset]] = {}
         # Under the CLI the hparams are the parsed config (the data set as a class path), which
         # lets `dgkit test --ckpt_path` rebuild the data; a bare object would be pickled.
         self.save_hyperparameters(ignore=[] if _built_by_cli() else ["dataset"])
@@ -175,6 +182,11 @@ class DomainDataModule(LightningDataModule):
     @property
     def task(self) -> Task:
         ds = self.dataset
+        if self.official:
+            return Task(input_shape=tuple(ds.input_shape), num_classes=ds.num_classes,
+                        source_domains=tuple(ds.domains), target_domains=ds.streams["test"],
+                        default_backbone=ds.default_backbone, dataset=ds.name,
+                        streams=tuple(ds.streams.items()))
         return Task(
             input_shape=tuple(ds.input_shape),
             num_classes=ds.num_classes,
@@ -186,7 +198,10 @@ class DomainDataModule(LightningDataModule):
 
     # --- splits -----------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
-        if self.splits:
+        if self.splits or self.official_streams:
+            return
+        if self.official:
+            self.official_train, self.official_streams = self.dataset.official_splits()
             return
         for i in range(len(self.dataset.domains)):
             data = self.dataset.domain_dataset(i)
@@ -224,6 +239,10 @@ class DomainDataModule(LightningDataModule):
         return self.unlabeled == "target"
 
     def train_dataloader(self) -> CombinedLoader:
+        if self.official:  # many domains: one shuffled stream, each sample with its domain
+            train = self._view(self.official_train, True)
+            return CombinedLoader({"mixed": self._loader(train, self.batch_size, True)},
+                                  mode="max_size_cycle")
         # One minibatch per source domain per step; smaller domains cycle (DomainBed
         # draws each domain's batch independently).
         loaders = [self._loader(self._view(self.splits[i][0], True), self.batch_size, True)
@@ -243,12 +262,19 @@ class DomainDataModule(LightningDataModule):
         return CombinedLoader({"sources": loaders, "unlabeled": unlabeled}, mode="max_size_cycle")
 
     def val_dataloader(self) -> list[DataLoader]:
+        if self.official:
+            return [self._loader(self._view(s, False), self.eval_batch_size, False)
+                    for stage, streams in self.official_streams.items() if stage != "test"
+                    for s in streams]
         streams = [self.splits[i][1] for i in self.source_indices]
         if self.oracle:
             streams += [self.splits[i][1] for i in self.test_indices]
         return [self._loader(self._view(s, False), self.eval_batch_size, False) for s in streams]
 
     def test_dataloader(self) -> list[DataLoader]:
+        if self.official:
+            return [self._loader(self._view(s, False), self.eval_batch_size, False)
+                    for s in self.official_streams["test"]]
         return [self._loader(self._view(self.splits[i][0], False), self.eval_batch_size, False)
                 for i in self.test_indices]
 
@@ -256,6 +282,10 @@ class DomainDataModule(LightningDataModule):
         """All source domains in evaluation order (in-splits, and out-splits if asked), for
         test-time stages that learn from source data (AdaNPC's memory). Not distributed:
         every rank reads all of it, so state built from it agrees across ranks."""
+        if self.official:
+            parts = [self.official_train, *(self.official_streams["val"] if include_holdout else [])]
+            return DataLoader(self._view(ConcatDataset(parts), False), batch_size=self.eval_batch_size,
+                              shuffle=False, num_workers=self.num_workers, pin_memory=self.pin_memory)
         parts = [self.splits[i][0] for i in self.source_indices]
         if include_holdout:
             parts += [self.splits[i][1] for i in self.source_indices]

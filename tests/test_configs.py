@@ -1,0 +1,28 @@
+"""Every shipped config parses against the current CLI (unknown keys or bad values fail)."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dgkit.cli import main
+
+CONFIGS = sorted((Path(__file__).parents[1] / "configs").rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[f"{p.parent.name}/{p.stem}" for p in CONFIGS])
+def test_config_parses_and_round_trips(path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(path), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    written = yaml.safe_load(path.read_text())
+    assert printed["model"]["algorithm"]["class_path"] == written["model"]["algorithm"]["class_path"]
+    assert printed["data"]["dataset"]["class_path"] == written["data"]["dataset"]["class_path"]
+    lr = printed["model"]["optimizer"]["init_args"]["lr"]
+    assert isinstance(lr, float) and lr == written["model"]["optimizer"]["init_args"]["lr"]
+
+
+def test_officehome_configs_cover_the_algorithms():
+    names = {p.stem for p in CONFIGS if p.parent.name == "officehome"}
+    assert {"erm", "sam", "udim", "drm", "itta", "adanpc", "bonsai"} <= names
