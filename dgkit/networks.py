@@ -139,11 +139,13 @@ class Backbone:
         elif name.startswith(TORCHVISION_PREFIX):
             body, n_out = _torchvision_body(name[len(TORCHVISION_PREFIX):], task, self.pretrained)
         else:
-            body, n_out = _timm_body(name, channels, self.pretrained)
+            size = task.input_shape[-1] if len(task.input_shape) == 3 else None
+            body, n_out = _timm_body(name, channels, self.pretrained, size)
         return Featurizer(body, n_out, self.dropout, self.freeze_bn)
 
 
-def _timm_body(name: str, in_chans: int, pretrained: bool | str) -> tuple[nn.Module, int]:
+def _timm_body(name: str, in_chans: int, pretrained: bool | str,
+               img_size: int | None = None) -> tuple[nn.Module, int]:
     import timm
 
     if not timm.is_model(name):
@@ -156,7 +158,12 @@ def _timm_body(name: str, in_chans: int, pretrained: bool | str) -> tuple[nn.Mod
     elif pretrained:
         _require_timm_weights(name)
         kwargs.update(pretrained=True)
-    model = timm.create_model(name, **kwargs)
+    try:  # transformers size their position embeddings for the data's images (ViT, Swin, ...)
+        model = timm.create_model(name, img_size=img_size, **kwargs) if img_size else None
+    except TypeError:  # convolutional networks take any size and no img_size argument
+        model = None
+    if model is None:
+        model = timm.create_model(name, **kwargs)
     return model, model.num_features
 
 

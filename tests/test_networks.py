@@ -22,6 +22,12 @@ def test_timm_and_torchvision_backbones(name):
     assert net(torch.zeros(2, 3, 32, 32)).shape == (2, net.n_outputs) and net.n_outputs == 512
 
 
+@pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "convnext_atto", "efficientnet_b0"])
+def test_any_timm_family_at_the_data_size(name):
+    net = Backbone(name).build(IMAGES)
+    assert net(torch.zeros(2, 3, 32, 32)).shape == (2, net.n_outputs)
+
+
 def test_timm_adapts_input_channels():
     assert Backbone("resnet18").build(DIGITS)(torch.zeros(2, 1, 28, 28)).shape == (2, 512)
 

@@ -124,3 +124,18 @@ def test_fit_and_test_with_official_metrics(alias, root, metrics, request, tmp_p
     selection = {"camelyon17": "ood_val/acc_avg", "iwildcam": "ood_val/F1-macro_all"}[alias]
     assert selection in metrics_csv.columns  # WILDS selects on its OOD validation split
     assert selection.split("/")[1] in results["selection"]
+
+
+def test_corrupt_wilds_image_is_reported_by_file(camelyon_root, tmp_path):
+    import shutil
+
+    root = tmp_path / "copy"
+    shutil.copytree(camelyon_root, root)
+    data = Camelyon17(root=str(root), image_size=32)
+    dm = DomainDataModule(data)
+    dm.setup("fit")
+    stream = dm.official_streams["test"][0]
+    name = stream.subset.dataset._input_array[stream.subset.indices[0]]
+    (root / "camelyon17_v1.0" / name).write_bytes(b"\x89PNG broken")
+    with pytest.raises(DGKitError, match=f"cannot read image {name} under .*camelyon17_v1.0"):
+        stream[0]
