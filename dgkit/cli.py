@@ -258,6 +258,16 @@ def main(argv: Sequence[str] | None = None) -> None:
 
             data_main(argv[1:])
             return
+        if argv[:1] == ["sweep"]:
+            from dgkit.sweep import main as sweep_main
+
+            sweep_main(argv[1:])
+            return
+        if argv[:1] == ["report"]:
+            from dgkit.report import main as report_main
+
+            report_main(argv[1:])
+            return
         DGCLI(data_from_checkpoint(rewrite_aliases(argv)))
     except (DGKitError, MisconfigurationException) as exc:
         # Text, not markup: messages hold brackets ("[Art]") that rich would swallow.

@@ -21,7 +21,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSamp
 
 from dgkit.data.base import MultiDomainDataset
 from dgkit.data.mnist import RotatedMNIST
-from dgkit.data.shifts import ShiftedDataset, resolve_categories
+from dgkit.data.shifts import FOLDS, MixedShifts, ShiftedDataset, resolve_categories
 from dgkit.data.wilds_sets import check_no_domain_options
 from dgkit.errors import ConfigError
 from dgkit.task import Task
@@ -86,6 +86,9 @@ class DomainDataModule(LightningDataModule):
         unlabeled_domains: list[str | int] | None = None,
         unlabeled_shifts: list[str] | None = None,
         unlabeled_batch_size: int | None = None,
+        crafted_validation: list[str] | None = None,
+        crafted_training: list[str] | None = None,
+        track_test: bool = False,
     ):
         """
         Args:
@@ -118,6 +121,17 @@ class DomainDataModule(LightningDataModule):
                 default); every source image appears once under each category.
             unlabeled_batch_size: unlabeled images per step (default: ``batch_size`` times
                 the number of source domains, the size of the labelled batch).
+            crafted_validation: crafted-shift validation (Efthymiadis et al.): the source
+                validation images under each of these shift categories (names, a fold
+                ``A``/``B``, or ``all``), one stream per category, logged as
+                ``crafted/<metric>/<category>`` with their mean ``crafted/<metric>`` (V_A).
+            crafted_training: train on the source images under these categories too: each
+                sample is drawn from the original or one of them, uniformly. Folds used
+                here may never validate: a category whose fold trains is refused in
+                ``crafted_validation``.
+            track_test: also evaluate the held-out domains' test splits at every
+                validation (``heldout/*``), never used for selection, so that a model can
+                be selected after the fact by any method and its test accuracy read off.
         """
         super().__init__()
         self.dataset = dataset if dataset is not None else RotatedMNIST()
@@ -163,9 +177,22 @@ class DomainDataModule(LightningDataModule):
         self.shuffle = shuffle
         self.unlabeled = unlabeled
         self.unlabeled_batch_size = unlabeled_batch_size or batch_size * len(self.source_indices)
+        self.crafted_validation = resolve_categories(crafted_validation or [], "data.crafted_validation")
+        self.crafted_training = resolve_categories(crafted_training or [], "data.crafted_training")
+        seen = {f for f, cats in FOLDS.items() if set(cats) & set(self.crafted_training)}
+        leaking = [c for c in self.crafted_validation if any(c in FOLDS[f] for f in seen)]
+        if leaking:
+            raise ConfigError("data.crafted_validation", f"{', '.join(leaking)} share a fold with "
+                              f"the training shifts {', '.join(self.crafted_training)}; a fold seen "
+                              "in training never validates", "categories of the other fold")
+        if self.official and (self.crafted_validation or self.crafted_training or track_test):
+            raise ConfigError("data.crafted_validation", f"{ds.name} has official splits",
+                              "no crafted validation or test tracking on WILDS yet")
+        self.track_test = track_test
         self.splits: dict[int, tuple[Dataset, Dataset]] = {}
         self.official_train: Dataset | None = None
         self.official_streams: dict[str, list[Dataset]] = {}
+        self._crafted_training: dict[int, Dataset] = {}
         # Under the CLI the hparams are the parsed config (the data set as a class path), which
         # lets `dgkit test --ckpt_path` rebuild the data; a bare object would be pickled.
         self.save_hyperparameters(ignore=[] if _built_by_cli() else ["dataset"])
@@ -187,7 +214,15 @@ class DomainDataModule(LightningDataModule):
                         source_domains=tuple(ds.domains), target_domains=ds.streams["test"],
                         default_backbone=ds.default_backbone, dataset=ds.name,
                         streams=tuple(ds.streams.items()))
+        streams = ()
+        if self.crafted_validation or self.track_test:
+            sources = tuple(ds.domains[i] for i in self.source_indices)
+            targets = tuple(ds.domains[i] for i in self.test_indices)
+            streams = (("val", sources), *((("oracle", targets),) if self.oracle else ()),
+                       *((("crafted", self.crafted_validation),) if self.crafted_validation else ()),
+                       *((("heldout", targets),) if self.track_test else ()), ("test", targets))
         return Task(
+            streams=streams,
             input_shape=tuple(ds.input_shape),
             num_classes=ds.num_classes,
             source_domains=tuple(ds.domains[i] for i in self.source_indices),
@@ -213,6 +248,15 @@ class DomainDataModule(LightningDataModule):
             if n < self.batch_size:
                 raise ConfigError("data.batch_size", f"source domain {self.dataset.domains[i]!r} "
                                   f"has only {n} training samples", f"<= {n}")
+
+    def _training_split(self, index: int) -> Dataset:
+        data = self.splits[index][0]
+        if not self.crafted_training:
+            return data
+        if self._crafted_training.get(index) is None:  # fixed draws, cached across epochs
+            self._crafted_training[index] = MixedShifts(data, [
+                ShiftedDataset(data, c, seed=self.split_seed) for c in self.crafted_training])
+        return self._crafted_training[index]
 
     def _view(self, data: Dataset, train: bool) -> Dataset:
         """``data`` as model inputs: the data set's training or evaluation transform."""
@@ -245,7 +289,7 @@ class DomainDataModule(LightningDataModule):
                                   mode="max_size_cycle")
         # One minibatch per source domain per step; smaller domains cycle (DomainBed
         # draws each domain's batch independently).
-        loaders = [self._loader(self._view(self.splits[i][0], True), self.batch_size, True)
+        loaders = [self._loader(self._view(self._training_split(i), True), self.batch_size, True)
                    for i in self.source_indices]
         if self.unlabeled == "none":
             return CombinedLoader(loaders, mode="max_size_cycle")
@@ -269,6 +313,12 @@ class DomainDataModule(LightningDataModule):
         streams = [self.splits[i][1] for i in self.source_indices]
         if self.oracle:
             streams += [self.splits[i][1] for i in self.test_indices]
+        if self.crafted_validation:
+            holdout = ConcatDataset([self.splits[i][1] for i in self.source_indices])
+            streams += [ShiftedDataset(holdout, category, seed=self.split_seed)
+                        for category in self.crafted_validation]
+        if self.track_test:
+            streams += [self.splits[i][0] for i in self.test_indices]
         return [self._loader(self._view(s, False), self.eval_batch_size, False) for s in streams]
 
     def test_dataloader(self) -> list[DataLoader]:

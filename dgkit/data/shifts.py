@@ -300,3 +300,19 @@ class ShiftedDataset(Dataset):
             self._cache[index] = shifted.mul(255.0).round_().to(torch.uint8)
             shifted = self._cache[index].float().div_(255.0)  # the same value either way
         return (shifted, *rest)
+
+
+class MixedShifts(Dataset):
+    """Each access draws the original sample or its fixed draw under one of the shifts,
+    uniformly (the paper's training with a fold's categories: 1/(k+1) each)."""
+
+    def __init__(self, data: Dataset, shifted: list[ShiftedDataset]):
+        self.data, self.shifted = data, shifted
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int):
+        # torch's generator: seeded per DataLoader worker, so runs repeat with the seed.
+        choice = int(torch.randint(len(self.shifted) + 1, ()))
+        return self.data[index] if choice == 0 else self.shifted[choice - 1][index]

@@ -1,0 +1,145 @@
+"""``dgkit sweep``: algorithms x held-out domains x seeds x hyperparameters, one ``dgkit
+fit`` per combination, each in its own folder; finished runs are skipped, so a sweep
+that was stopped resumes by running the same command again.
+
+Locally the runs go one after another in this process. ``--slurm`` writes a job-array
+script (one array task per run, ``--index $SLURM_ARRAY_TASK_ID``) for ``sbatch``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import itertools
+import json
+import os
+import random
+import shlex
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from dgkit.errors import DGKitError
+
+RUN_FILE = "run.json"
+
+
+@dataclass(frozen=True)
+class Run:
+    algorithm: str
+    test_domain: str
+    seed: int
+    hparams: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def folder(self) -> str:
+        tag = "-".join(f"{k.split('.')[-1]}={v}" for k, v in sorted(self.hparams.items())) or "default"
+        return f"{self.algorithm}/{self.test_domain}/{tag}/seed{self.seed}"
+
+    def argv(self, extra: list[str]) -> list[str]:
+        out = ["fit", "--algo", self.algorithm, *extra,
+               "--data.test_domains", f"[{self.test_domain}]", "--seed_everything", str(self.seed)]
+        for key, value in self.hparams.items():
+            out += [f"--{key}", value]
+        return out
+
+
+def plan(algorithms: list[str], test_domains: list[str], seeds: list[int],
+         grid: dict[str, list[str]], random_count: int | None = None, sweep_seed: int = 0) -> list[Run]:
+    """Every combination (or ``random_count`` of them, drawn with ``sweep_seed``)."""
+    settings = [dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())]
+    if random_count is not None:
+        settings = random.Random(sweep_seed).sample(settings, min(random_count, len(settings)))
+    return [Run(a, d, s, h) for a in algorithms for h in settings for d in test_domains for s in seeds]
+
+
+def finished(directory: Path) -> bool:
+    return any(directory.glob("runs/version_*/test_results.json"))
+
+
+@contextlib.contextmanager
+def _inside(directory: Path):
+    previous = Path.cwd()
+    os.chdir(directory)
+    try:
+        yield
+    finally:
+        os.chdir(previous)
+
+
+def execute(run: Run, root: Path, extra: list[str]) -> str:
+    """Run one combination in its folder; returns ``done``, ``skipped`` or ``failed: ...``."""
+    from dgkit.cli import main
+
+    directory = root / run.folder
+    if finished(directory):
+        return "skipped"
+    directory.mkdir(parents=True, exist_ok=True)
+    argv = run.argv(extra)
+    (directory / RUN_FILE).write_text(json.dumps({**asdict(run), "argv": argv}, indent=2))
+    with _inside(directory):
+        try:
+            main(argv)
+        except SystemExit as exc:  # a bad setting in one run must not end the sweep
+            return f"failed: exit {exc.code}"
+        except Exception as exc:  # nor a crash: it is reported, and retried on the next call
+            return f"failed: {type(exc).__name__}: {str(exc).strip().splitlines()[0]}"
+    return "done" if finished(directory) else "failed: no test results"
+
+
+def slurm_script(root: Path, argv: list[str], runs: int, options: list[str]) -> Path:
+    lines = ["#!/bin/bash", f"#SBATCH --array=0-{runs - 1}", "#SBATCH --requeue",
+             "#SBATCH --signal=SIGUSR1@90", f"#SBATCH --output={root}/slurm-%A_%a.out",
+             *(f"#SBATCH {o}" for o in options), "",
+             f"srun dgkit {shlex.join(argv)} --index $SLURM_ARRAY_TASK_ID", ""]
+    path = root / "sweep.sbatch"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def parse_grid(items: list[str]) -> dict[str, list[str]]:
+    grid: dict[str, list[str]] = {}
+    for item in items:
+        key, sep, values = item.partition("=")
+        if not sep or not values:
+            raise DGKitError(f"--grid {item!r}: write KEY=V1,V2 "
+                             "(e.g. model.optimizer.init_args.lr=1e-3,1e-4)")
+        grid[key.removeprefix("--")] = values.split(",")
+    return grid
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="dgkit sweep", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dir", required=True, help="the sweep's folder")
+    parser.add_argument("--algos", nargs="+", required=True)
+    parser.add_argument("--test-domains", nargs="+", required=True)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--grid", nargs="*", default=[], help="KEY=V1,V2 ... (dgkit fit keys)")
+    parser.add_argument("--random", type=int, help="draw this many hyperparameter settings")
+    parser.add_argument("--sweep-seed", type=int, default=0)
+    parser.add_argument("--index", type=int, help="run only this combination (Slurm array task)")
+    parser.add_argument("--slurm", action="store_true",
+                        help="write DIR/sweep.sbatch (a job array) instead of running")
+    parser.add_argument("--sbatch", action="append", default=[], metavar="OPTION",
+                        help="an #SBATCH line for --slurm, e.g. --sbatch=--gres=gpu:1")
+    args, extra = parser.parse_known_args(argv)
+    extra = [a for a in extra if a != "--"]
+    root = Path(args.dir).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    runs = plan(args.algos, args.test_domains, args.seeds, parse_grid(args.grid), args.random,
+                args.sweep_seed)
+    if args.slurm:
+        own = [a for a in ["sweep", *argv] if a != "--slurm" and not a.startswith("--sbatch")]
+        path = slurm_script(root, own, len(runs), args.sbatch)
+        print(f"{len(runs)} runs; submit with: sbatch {path}")
+        return
+    chosen = runs if args.index is None else [runs[args.index]]
+    failures = 0
+    for i, run in enumerate(chosen):
+        status = execute(run, root, extra)
+        failures += status.startswith("failed")
+        print(f"[{i + 1}/{len(chosen)}] {run.folder}: {status}", file=sys.stderr)
+    if failures:
+        raise DGKitError(f"{failures} run(s) failed; see their folders under {root}; rerun the "
+                         "same command to retry them (finished runs are skipped)")

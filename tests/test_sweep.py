@@ -1,0 +1,100 @@
+"""A small sweep on Rotated MNIST (2 algorithms x 2 held-out domains x 2 seeds) and the
+tables `dgkit report` builds from it, checked against the runs' own records."""
+
+import json
+import math
+import statistics
+
+import pandas as pd
+import pytest
+
+from dgkit.cli import main
+from dgkit.data import DomainDataModule
+from dgkit.data.mnist import RotatedMNIST
+from dgkit.errors import ConfigError
+
+SWEEP = ["sweep", "--dir", "sweep", "--algos", "erm", "sam", "--test-domains", "0", "75",
+         "--seeds", "0", "1", "--", "--data", "rotated_mnist", "--model.backbone", "mlp",
+         "--data.batch_size", "8", "--trainer.max_steps", "6", "--trainer.val_check_interval", "2",
+         "--data.crafted_validation", "[contrast, geometric]", "--data.track_test", "true",
+         "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    import os
+
+    folder = tmp_path_factory.mktemp("sweep")
+    previous = os.getcwd()
+    os.chdir(folder)
+    try:
+        main(SWEEP)
+        main(["report", "sweep"])
+    finally:
+        os.chdir(previous)
+    return folder / "sweep"
+
+
+def _selected(run_folder, score):
+    metrics = pd.read_csv(next(run_folder.glob("runs/version_*/metrics.csv")))
+    rows = metrics.groupby("step").first().dropna(subset=[score, "heldout/accuracy"])
+    return rows.loc[rows[score].idxmax(), "heldout/accuracy"]  # first best, as the report does
+
+
+def test_every_combination_ran_in_its_own_folder(sweep):
+    runs = sorted(sweep.rglob("run.json"))
+    assert len(runs) == 8
+    folders = {json.loads(r.read_text())["algorithm"] + "/" + json.loads(r.read_text())["test_domain"]
+               for r in runs}
+    assert folders == {"erm/0", "erm/75", "sam/0", "sam/75"}
+    for run in runs:
+        results = json.loads(next(run.parent.glob("runs/version_*/test_results.json")).read_text())
+        assert results["algorithm"] in ("ERM", "SAM")
+
+
+def test_report_tables_match_the_runs_records(sweep):
+    table = pd.read_csv(sweep / "results.csv")
+    for method, score in (("training-domain validation", "val/accuracy"),
+                          ("crafted-shift validation", "crafted/accuracy"),
+                          ("test-domain oracle", "oracle/accuracy")):
+        for algorithm in ("erm", "sam"):
+            for domain in ("0", "75"):
+                values = [_selected(sweep / algorithm / domain / "default" / f"seed{s}", score)
+                          for s in (0, 1)]
+                row = table[(table.selection == method) & (table.algorithm == algorithm)
+                            & (table.domain.astype(str) == domain)].iloc[0]
+                assert row["mean"] == pytest.approx(statistics.fmean(values))
+                assert row["se"] == pytest.approx(statistics.stdev(values) / math.sqrt(2))
+                assert row["n"] == 2
+            averages = [statistics.fmean(_selected(sweep / algorithm / d / "default" / f"seed{s}", score)
+                                         for d in ("0", "75")) for s in (0, 1)]
+            avg = table[(table.selection == method) & (table.algorithm == algorithm)
+                        & (table.domain.astype(str) == "Avg")].iloc[0]
+            assert avg["mean"] == pytest.approx(statistics.fmean(averages))
+    markdown = (sweep / "results.md").read_text()
+    assert "### crafted-shift validation" in markdown and "| Algorithm | 0 | 75 | Avg |" in markdown
+    assert r"\pm" in (sweep / "results.tex").read_text()
+    assert (sweep / "validation_vs_test.png").stat().st_size > 0
+    assert (sweep / "learning_curves.png").stat().st_size > 0
+
+
+def test_rerunning_skips_finished_runs_and_slurm_writes_an_array(sweep, capsys):
+    import os
+
+    os.chdir(sweep.parent)
+    main(SWEEP)
+    assert capsys.readouterr().err.count(": skipped") == 8
+    main([*SWEEP[:12], "--slurm", "--sbatch=--gres=gpu:1", *SWEEP[12:]])
+    script = (sweep / "sweep.sbatch").read_text()
+    assert "#SBATCH --array=0-7" in script and "#SBATCH --gres=gpu:1" in script
+    assert "--requeue" in script and "srun dgkit sweep" in script and "--index $SLURM_ARRAY_TASK_ID" in script
+
+
+def test_a_fold_seen_in_training_never_validates():
+    with pytest.raises(ConfigError, match="share a fold with the training shifts"):
+        DomainDataModule(RotatedMNIST(), crafted_training=["blur"], crafted_validation=["contrast"])
+    data = DomainDataModule(RotatedMNIST(), crafted_training=["A"], crafted_validation=["B"], batch_size=8)
+    assert data.task.stages["crafted"] == ("convolutional", "edges", "geometric", "segmentation", "weather")
+    data.setup("fit")
+    batch, _, _ = next(iter(data.train_dataloader()))
+    assert batch[0][0].shape == (8, 1, 28, 28)
