@@ -101,9 +101,11 @@ class DGModule(LightningModule):
 
         metric_names = metrics or ["accuracy"]
         factories = {name: registry("metric").get(name).obj for name in metric_names}
-        # Evaluation streams: ``val`` (source out-splits: training-domain validation),
-        # ``oracle`` (target out-splits: test-domain oracle), ``test`` (target in-splits) and,
-        # with a test-time stage, ``test_unadapted`` (the same model without it).
+        # Evaluation streams by stage, as the task names them: by default ``val`` (source
+        # out-splits: training-domain validation), ``oracle`` (target out-splits: test-domain
+        # oracle), ``test`` (target in-splits); ``crafted``/``heldout`` or a benchmark's
+        # official splits when the data module adds them; with a test-time stage also
+        # ``test_unadapted`` (the same model without it).
         domains = dict(self.task.stages)
         if self.algorithm.adapts_at_test:
             domains["test_unadapted"] = domains["test"]

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from dgkit.algorithm import Algorithm
-from dgkit.errors import ConfigError
+from dgkit.errors import ConfigError, DGKitError
 from dgkit.networks import Featurizer
 
 CHECKPOINT_KEY = "dgkit_representation"
@@ -28,7 +28,7 @@ def representation_prefixes(algorithm: Algorithm, owner: str = "algorithm") -> d
     """State-dict prefixes of ``algorithm``'s exported networks, or None if it has none."""
     try:
         featurizer, classifier = algorithm.representation()
-    except Exception:  # an algorithm without a single featurizer simply exports nothing
+    except DGKitError:  # an algorithm without a single featurizer simply exports nothing
         return None
     names = {id(m): name for name, m in algorithm.named_modules()}
     prefixes = {"featurizer": f"{owner}.{names[id(featurizer)]}"}
