@@ -385,7 +385,7 @@ class DGModule(LightningModule):
 
     def _validation_loaders(self, stage: str) -> list:
         loaders = self.trainer.datamodule.val_dataloader()
-        return [loader for loader, (s, _) in zip(loaders, self.task.validation_streams, strict=False)
+        return [loader for loader, (s, _) in zip(loaders, self.task.validation_streams, strict=True)
                 if s == stage]
 
     def _select_test_time_hyperparameters(self) -> None:

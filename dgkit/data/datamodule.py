@@ -214,19 +214,18 @@ class DomainDataModule(LightningDataModule):
                         source_domains=tuple(ds.domains), target_domains=ds.streams["test"],
                         default_backbone=ds.default_backbone, dataset=ds.name,
                         streams=tuple(ds.streams.items()))
-        streams = ()
-        if self.crafted_validation or self.track_test:
-            sources = tuple(ds.domains[i] for i in self.source_indices)
-            targets = tuple(ds.domains[i] for i in self.test_indices)
-            streams = (("val", sources), *((("oracle", targets),) if self.oracle else ()),
-                       *((("crafted", self.crafted_validation),) if self.crafted_validation else ()),
-                       *((("heldout", targets),) if self.track_test else ()), ("test", targets))
+        sources = tuple(ds.domains[i] for i in self.source_indices)
+        targets = tuple(ds.domains[i] for i in self.test_indices)
+        # The one place that orders the evaluation streams; the loaders follow it.
+        streams = (("val", sources), *((("oracle", targets),) if self.oracle else ()),
+                   *((("crafted", self.crafted_validation),) if self.crafted_validation else ()),
+                   *((("heldout", targets),) if self.track_test else ()), ("test", targets))
         return Task(
             streams=streams,
             input_shape=tuple(ds.input_shape),
             num_classes=ds.num_classes,
-            source_domains=tuple(ds.domains[i] for i in self.source_indices),
-            target_domains=tuple(ds.domains[i] for i in self.test_indices),
+            source_domains=sources,
+            target_domains=targets,
             default_backbone=ds.default_backbone,
             dataset=ds.name,
         )
@@ -305,40 +304,41 @@ class DomainDataModule(LightningDataModule):
         unlabeled = self._loader(images, self.unlabeled_batch_size, True)
         return CombinedLoader({"sources": loaders, "unlabeled": unlabeled}, mode="max_size_cycle")
 
-    def val_dataloader(self) -> list[DataLoader]:
+    def _stream_data(self, stage: str) -> list[Dataset]:
+        """The data of every stream of evaluation ``stage`` (``Task.streams`` names them)."""
         if self.official:
-            return [self._loader(self._view(s, False), self.eval_batch_size, False)
-                    for stage, streams in self.official_streams.items() if stage != "test"
-                    for s in streams]
-        streams = [self.splits[i][1] for i in self.source_indices]
-        if self.oracle:
-            streams += [self.splits[i][1] for i in self.test_indices]
-        if self.crafted_validation:
-            holdout = ConcatDataset([self.splits[i][1] for i in self.source_indices])
-            streams += [ShiftedDataset(holdout, category, seed=self.split_seed)
-                        for category in self.crafted_validation]
-        if self.track_test:
-            streams += [self.splits[i][0] for i in self.test_indices]
-        return [self._loader(self._view(s, False), self.eval_batch_size, False) for s in streams]
+            return self.official_streams[stage]
+        holdouts = [self.splits[i][1] for i in self.source_indices]
+        if stage == "val":
+            return holdouts
+        if stage == "oracle":
+            return [self.splits[i][1] for i in self.test_indices]
+        if stage == "crafted":
+            return [ShiftedDataset(ConcatDataset(holdouts), category, seed=self.split_seed)
+                    for category in self.crafted_validation]
+        return [self.splits[i][0] for i in self.test_indices]  # heldout and test
+
+    def _eval_loaders(self, stages: list[tuple[str, int]]) -> list[DataLoader]:
+        data = {stage: self._stream_data(stage) for stage, _ in stages}
+        return [self._loader(self._view(data[stage][i], False), self.eval_batch_size, False)
+                for stage, i in stages]
+
+    def val_dataloader(self) -> list[DataLoader]:
+        return self._eval_loaders(self.task.validation_streams)
 
     def test_dataloader(self) -> list[DataLoader]:
-        if self.official:
-            return [self._loader(self._view(s, False), self.eval_batch_size, False)
-                    for s in self.official_streams["test"]]
-        return [self._loader(self._view(self.splits[i][0], False), self.eval_batch_size, False)
-                for i in self.test_indices]
+        return self._eval_loaders([("test", i) for i in range(len(self.task.stages["test"]))])
 
     def source_eval_dataloader(self, include_holdout: bool = True) -> DataLoader:
         """All source domains in evaluation order (in-splits, and out-splits if asked), for
         test-time stages that learn from source data (AdaNPC's memory). Not distributed:
         every rank reads all of it, so state built from it agrees across ranks."""
         if self.official:
-            parts = [self.official_train, *(self.official_streams["val"] if include_holdout else [])]
-            return DataLoader(self._view(ConcatDataset(parts), False), batch_size=self.eval_batch_size,
-                              shuffle=False, num_workers=self.num_workers, pin_memory=self.pin_memory)
-        parts = [self.splits[i][0] for i in self.source_indices]
+            parts = [self.official_train]
+        else:
+            parts = [self.splits[i][0] for i in self.source_indices]
         if include_holdout:
-            parts += [self.splits[i][1] for i in self.source_indices]
+            parts += self._stream_data("val")
         return DataLoader(self._view(ConcatDataset(parts), False), batch_size=self.eval_batch_size,
                           shuffle=False, num_workers=self.num_workers, pin_memory=self.pin_memory)
 
