@@ -8,6 +8,7 @@ LightningCLI. ``dgkit list`` shows what the installed plugins register.
 
 from __future__ import annotations
 
+import importlib
 import json
 import re
 import sys
@@ -39,6 +40,8 @@ ALIAS_FLAGS = {  # flag -> (registry kind, LightningCLI key it rewrites to)
     "--model.algorithm.base": ("algorithm", "--model.algorithm.base"),
     "--data.dataset": ("dataset", "--data.dataset"),
 }
+# Subcommands outside LightningCLI: name -> module with main(argv).
+TOOLS = {"data": "dgkit.data.download", "sweep": "dgkit.sweep", "report": "dgkit.report"}
 _ALIAS_LIKE = re.compile(r"^[A-Za-z][\w\-]*$")
 
 TRAINER_DEFAULTS = {"default_root_dir": "runs", "max_epochs": 15, "log_every_n_steps": 10}
@@ -253,20 +256,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         if argv[:1] == ["list"]:
             print_plugins()
             return
-        if argv[:1] == ["data"]:
-            from dgkit.data.download import main as data_main
-
-            data_main(argv[1:])
-            return
-        if argv[:1] == ["sweep"]:
-            from dgkit.sweep import main as sweep_main
-
-            sweep_main(argv[1:])
-            return
-        if argv[:1] == ["report"]:
-            from dgkit.report import main as report_main
-
-            report_main(argv[1:])
+        if argv[:1] and argv[0] in TOOLS:  # imported on use: `dgkit fit` never loads them
+            importlib.import_module(TOOLS[argv[0]]).main(argv[1:])
             return
         DGCLI(data_from_checkpoint(rewrite_aliases(argv)))
     except (DGKitError, MisconfigurationException) as exc:
