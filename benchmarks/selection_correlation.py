@@ -25,7 +25,7 @@ from pathlib import Path
 
 from scipy.stats import spearmanr
 
-from dgkit.report import HELD_OUT, SELECTION, load_runs
+from dgkit.report import HELD_OUT, SCORES, load_runs
 from dgkit.sweep import main as sweep
 
 CATEGORIES = "[arithmetic, blur, color, contrast, convolutional, edges, geometric, weather]"
@@ -55,7 +55,7 @@ def main() -> None:
     records = load_runs(Path(args.dir))
     print(f"\n{len(records)} runs, {sum(len(r.rows) for r in records)} candidate checkpoints "
           f"({time.perf_counter() - start:.0f} s)")
-    for method, score in SELECTION.items():
+    for method, score in SCORES.items():
         rhos, chosen = [], []
         for domain in sorted({r.test_domain for r in records}):
             rows = [row for r in records if r.test_domain == domain for row in r.rows if score in row]

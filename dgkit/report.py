@@ -5,8 +5,11 @@ papers print them (rows: algorithms; columns: held-out domains and their average
 Selection happens after the fact from each run's ``metrics.csv``: every validation
 logged the training-domain (``val/accuracy``), crafted-shift (``crafted/accuracy``) and
 test-domain oracle (``oracle/accuracy``) scores beside the held-out test accuracy
-(``heldout/accuracy``, from ``--data.track_test true``). A method picks the validation
-with its best score; the table reports the held-out accuracy there.
+(``heldout/accuracy``, from ``--data.track_test true``). For each algorithm, held-out
+domain and seed, a method picks the hyperparameter setting and validation with its best
+score; the table reports the held-out accuracy there. The crafted-shift k-fold and
+leave-one-domain-out methods score a setting from its extra runs (``dgkit sweep --kfold``,
+``--lodo``).
 """
 
 from __future__ import annotations
@@ -21,12 +24,13 @@ from pathlib import Path
 
 from dgkit.errors import DGKitError
 
-SELECTION = {  # method -> the score it maximizes
+SCORES = {  # a method that reads one logged score -> that score
     "training-domain validation": "val/accuracy",
     "crafted-shift validation": "crafted/accuracy",
     "test-domain oracle": "oracle/accuracy",
 }
 HELD_OUT = "heldout/accuracy"
+Choice = tuple[float, float]  # (validation score, held-out accuracy)
 
 
 @dataclass
@@ -34,6 +38,9 @@ class Record:
     algorithm: str
     test_domain: str
     seed: int
+    config: str  # the hyperparameter setting
+    variant: str  # "" for the reported model; fold-A/fold-B/lodo-<domain> for helpers
+    hparams: dict[str, str]
     folder: Path
     rows: list[dict[str, float]]  # validations, in step order
 
@@ -52,7 +59,8 @@ def load_runs(directory: Path) -> list[Record]:
         if not versions or not list(run_file.parent.glob("runs/version_*/test_results.json")):
             continue  # unfinished: reported once it has run
         records.append(Record(run["algorithm"], str(run["test_domain"]), int(run["seed"]),
-                              run_file.parent, _validations(versions[-1])))
+                              run.get("config", "default"), run.get("variant", ""),
+                              run.get("hparams", {}), run_file.parent, _validations(versions[-1])))
     if not records:
         raise DGKitError(f"no finished runs under {directory} (folders with run.json and "
                          "runs/version_*/test_results.json, as `dgkit sweep --dir` writes them)")
@@ -67,7 +75,117 @@ def _validations(path: Path) -> list[dict[str, float]]:
             step = int(float(row["step"]))
             values = {k: float(v) for k, v in row.items() if v not in ("", None) and k != "step"}
             by_step.setdefault(step, {"step": step}).update(values)
-    return [r for _, r in sorted(by_step.items()) if HELD_OUT in r]
+    return [r for _, r in sorted(by_step.items()) if HELD_OUT in r or "val/accuracy" in r]
+
+
+# --- selection methods: the runs of one setting -> (validation score, held-out accuracy) ---
+def _by_score(score: str):
+    def choose(runs: dict[str, Record]) -> Choice | None:
+        row = runs[""].select(score)
+        return None if row is None else (row[score], row[HELD_OUT])
+    return choose
+
+
+def _kfold(runs: dict[str, Record]) -> Choice | None:
+    """CV score: the fold runs' final accuracy averaged over the categories each held out
+    (fold B's under fold-A training and the reverse); the reported model is the one trained
+    on every category, at its end (Efthymiadis et al.)."""
+    folds = [runs.get("fold-A"), runs.get("fold-B")]
+    if None in folds or not runs[""].rows or HELD_OUT not in runs[""].rows[-1]:
+        return None
+    prefix = SCORES["crafted-shift validation"] + "/"
+    scores = [v for r in folds if r.rows for k, v in r.rows[-1].items() if k.startswith(prefix)]
+    return (statistics.fmean(scores), runs[""].rows[-1][HELD_OUT]) if scores else None
+
+
+def _leave_one_domain_out(runs: dict[str, Record]) -> Choice | None:
+    """DomainBed's leave-one-domain-out: at each step, the mean accuracy of the runs that
+    also held out one training domain, on that domain; the best step of the reported run."""
+    helpers = {v.removeprefix("lodo-"): r for v, r in runs.items() if v.startswith("lodo-")}
+    if not helpers:
+        return None
+    steps = {domain: {row["step"]: row for row in r.rows} for domain, r in helpers.items()}
+    choices = []
+    for row in runs[""].rows:
+        scores = [steps[d].get(row["step"], {}).get(f"{HELD_OUT}/{d}") for d in helpers]
+        if HELD_OUT in row and None not in scores:
+            choices.append((statistics.fmean(scores), row[HELD_OUT]))
+    return max(choices, key=lambda c: c[0]) if choices else None
+
+
+METHODS = {
+    "training-domain validation": _by_score(SCORES["training-domain validation"]),
+    "crafted-shift validation": _by_score(SCORES["crafted-shift validation"]),
+    "crafted-shift k-fold": _kfold,
+    "leave-one-domain-out": _leave_one_domain_out,
+    "test-domain oracle": _by_score(SCORES["test-domain oracle"]),
+}
+
+
+def _settings(records: list[Record]) -> dict[tuple[str, str, int], dict[str, dict[str, Record]]]:
+    """``(algorithm, test domain, seed) -> setting -> variant -> run``, settings that have
+    their reported run only."""
+    out: dict = {}
+    for r in records:
+        out.setdefault((r.algorithm, r.test_domain, r.seed), {}).setdefault(r.config, {})[r.variant] = r
+    return {trial: {c: runs for c, runs in settings.items() if "" in runs}
+            for trial, settings in out.items()}
+
+
+def _numeric(value: str) -> tuple[int, float | str]:
+    try:
+        return (0, float(value))
+    except ValueError:
+        return (1, value)
+
+
+def _setting_order(runs: dict[str, Record]) -> tuple:
+    hparams = runs[""].hparams  # learning rates first, as the tie rule reads them
+    keys = sorted(hparams, key=lambda k: (not k.endswith("lr"), k))
+    return tuple(_numeric(hparams[k]) for k in keys)
+
+
+def choose(settings: dict[str, dict[str, Record]], method: str) -> Choice | None:
+    """The best setting (and step) of one trial under ``method``. Ties between settings go
+    to the middle of the tied ones sorted by learning rate (the crafting-shifts rule)."""
+    scored = [(c, runs) for c, runs in settings.items() if METHODS[method](runs) is not None]
+    if not scored:
+        return None
+    choices = {c: METHODS[method](runs) for c, runs in scored}
+    best = max(v[0] for v in choices.values())
+    tied = sorted((c for c, v in choices.items() if v[0] == best),
+                  key=lambda c: _setting_order(settings[c]))
+    return choices[tied[len(tied) // 2]]
+
+
+def tables(records: list[Record]) -> dict[str, dict]:
+    """Per method: ``{"domains": [...], "rows": {algorithm: {domain|"Avg": (mean, se, n)}}}``."""
+    trials = _settings(records)
+    domains = sorted({r.test_domain for r in records}, key=lambda d: (len(d), d))
+    out = {}
+    for method in METHODS:
+        chosen = {trial: c for trial, settings in trials.items()
+                  if (c := choose(settings, method)) is not None}
+        if not chosen:
+            continue
+        rows = {}
+        for algorithm in sorted({a for a, _, _ in chosen}):
+            per_domain: dict[str, list[float]] = {}
+            for (a, d, _), c in chosen.items():
+                if a == algorithm:
+                    per_domain.setdefault(d, []).append(c[1])
+            row = {d: (*mean_se(v), len(v)) for d, v in per_domain.items()}
+            # Average over domains per seed, then mean ± SE over seeds (DomainBed's way).
+            averages = []
+            for seed in sorted({s for a, _, s in chosen if a == algorithm}):
+                per_seed = [chosen.get((algorithm, d, seed)) for d in domains]
+                if None not in per_seed:
+                    averages.append(statistics.fmean(c[1] for c in per_seed))
+            if averages:
+                row["Avg"] = (*mean_se(averages), len(averages))
+            rows[algorithm] = row
+        out[method] = {"domains": [*domains, "Avg"], "rows": rows}
+    return out
 
 
 def mean_se(values: list[float]) -> tuple[float, float]:
@@ -76,36 +194,10 @@ def mean_se(values: list[float]) -> tuple[float, float]:
     return mean, se
 
 
-def tables(records: list[Record]) -> dict[str, dict]:
-    """Per method: ``{"domains": [...], "rows": {algorithm: {domain|"Avg": (mean, se, n)}}}``."""
-    domains = sorted({r.test_domain for r in records}, key=lambda d: (len(d), d))
-    out = {}
-    for method, score in SELECTION.items():
-        cells: dict[str, dict[str, list[float]]] = {}
-        for record in records:
-            chosen = record.select(score)
-            if chosen is not None:
-                cells.setdefault(record.algorithm, {}).setdefault(record.test_domain, []).append(
-                    chosen[HELD_OUT])
-        if not cells:
-            continue
-        rows = {}
-        for algorithm, per_domain in sorted(cells.items()):
-            row = {d: (*mean_se(v), len(v)) for d, v in per_domain.items()}
-            if all(d in per_domain for d in domains):
-                # Average over domains per seed, then mean ± SE over seeds (DomainBed's way).
-                seeds = sorted({r.seed for r in records if r.algorithm == algorithm})
-                averages = []
-                for seed in seeds:
-                    per_seed = [r.select(score) for r in records
-                                if r.algorithm == algorithm and r.seed == seed]
-                    if len(per_seed) == len(domains) and all(per_seed):
-                        averages.append(statistics.fmean(c[HELD_OUT] for c in per_seed))
-                if averages:
-                    row["Avg"] = (*mean_se(averages), len(averages))
-            rows[algorithm] = row
-        out[method] = {"domains": [*domains, "Avg"], "rows": rows}
-    return out
+def _pairs(records: list[Record], method: str, algorithm: str | None = None) -> list[Choice]:
+    """Every setting's selected (validation score, held-out accuracy) under ``method``."""
+    return [c for (a, _, _), settings in _settings(records).items() if algorithm in (None, a)
+            for runs in settings.values() if (c := METHODS[method](runs)) is not None]
 
 
 def _cell(value: tuple[float, float, int] | None, latex: bool = False) -> str:
@@ -152,13 +244,13 @@ def write_csv(results: dict[str, dict], path: Path) -> None:
 
 
 def correlations(records: list[Record]) -> dict[str, dict[str, float]]:
-    """Per method, across runs: the selected validation score against the held-out
-    accuracy there (Pearson and Spearman)."""
+    """Per method, across runs and settings: the selected validation score against the
+    held-out accuracy there (Pearson and Spearman)."""
     from scipy.stats import pearsonr, spearmanr
 
     out = {}
-    for method, score in SELECTION.items():
-        pairs = [(c[score], c[HELD_OUT]) for r in records if (c := r.select(score)) is not None]
+    for method in METHODS:
+        pairs = _pairs(records, method)
         if len(pairs) >= 3 and len({p[0] for p in pairs}) > 1 and len({p[1] for p in pairs}) > 1:
             x, y = zip(*pairs, strict=True)
             out[method] = {"pearson": float(pearsonr(x, y)[0]), "spearman": float(spearmanr(x, y)[0]),
@@ -173,18 +265,18 @@ def plots(records: list[Record], directory: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     written = []
-    methods = [(m, s) for m, s in SELECTION.items() if any(r.select(s) for r in records)]
+    methods = [m for m in METHODS if _pairs(records, m)]
     fig, axes = plt.subplots(1, len(methods), figsize=(4.5 * len(methods), 4), squeeze=False)
     corr = correlations(records)
-    for ax, (method, score) in zip(axes[0], methods, strict=True):
+    for ax, method in zip(axes[0], methods, strict=True):
         for algorithm in sorted({r.algorithm for r in records}):
-            points = [(c[score], c[HELD_OUT]) for r in records if r.algorithm == algorithm
-                      and (c := r.select(score)) is not None]
-            ax.scatter(*zip(*points, strict=True), label=algorithm, s=18)
+            points = _pairs(records, method, algorithm)
+            if points:
+                ax.scatter(*zip(*points, strict=True), label=algorithm, s=18)
         r = corr.get(method)
         stats = f"\nPearson {r['pearson']:.2f}, Spearman {r['spearman']:.2f}" if r else ""
         ax.set_title(method + stats, fontsize=9)
-        ax.set_xlabel(score)
+        ax.set_xlabel(f"{method} score")
         ax.set_ylabel(HELD_OUT)
         ax.legend(fontsize=7)
     fig.tight_layout()
@@ -194,9 +286,11 @@ def plots(records: list[Record], directory: Path) -> list[Path]:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for record in records:
-        steps = [row["step"] for row in record.rows]
-        ax.plot(steps, [row[HELD_OUT] for row in record.rows], alpha=0.6,
-                label=f"{record.algorithm} {record.test_domain} s{record.seed}")
+        rows = [row for row in record.rows if HELD_OUT in row]
+        if record.variant or not rows:
+            continue
+        ax.plot([row["step"] for row in rows], [row[HELD_OUT] for row in rows], alpha=0.6,
+                label=f"{record.algorithm} {record.test_domain} {record.config} s{record.seed}")
     ax.set_xlabel("step")
     ax.set_ylabel(HELD_OUT)
     ax.legend(fontsize=6, ncol=2)

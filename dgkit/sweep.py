@@ -4,6 +4,12 @@ that was stopped resumes by running the same command again.
 
 Locally the runs go one after another in this process. ``--slurm`` writes a job-array
 script (one array task per run, ``--index $SLURM_ARRAY_TASK_ID``) for ``sbatch``.
+
+Two selection methods need runs of their own beside each setting's run, which the sweep
+adds: ``--kfold`` (crafted-shift k-fold, Efthymiadis et al.) trains on fold A's shifts
+validating on fold B's (``fold-A``), the reverse (``fold-B``), and the reported model on
+every category (``fold-all``); ``--lodo`` (DomainBed's leave-one-domain-out) holds out one
+more training domain per extra run (``lodo-<domain>``), trained like the reported one.
 """
 
 from __future__ import annotations
@@ -24,33 +30,65 @@ from dgkit.errors import DGKitError
 RUN_FILE = "run.json"
 
 
+#: crafted-shift k-fold: the training and validation shifts of each fold run
+FOLD_DATA = {"A": ("[A]", "[B]"), "B": ("[B]", "[A]"), "all": ("[all]", "[]")}
+
+
 @dataclass(frozen=True)
 class Run:
     algorithm: str
     test_domain: str
     seed: int
     hparams: dict[str, str] = field(default_factory=dict)
+    #: crafted-shift k-fold run (``A``, ``B`` or ``all``); "" outside k-fold sweeps
+    fold: str = ""
+    #: leave-one-domain-out: the training domain this run holds out as well
+    validate_on: str = ""
+
+    @property
+    def config(self) -> str:
+        return "-".join(f"{k.split('.')[-1]}={v}" for k, v in sorted(self.hparams.items())) or "default"
+
+    @property
+    def variant(self) -> str:
+        """"" for the reported model, else which auxiliary run this is."""
+        if self.validate_on:
+            return f"lodo-{self.validate_on}"
+        return f"fold-{self.fold}" if self.fold in ("A", "B") else ""
 
     @property
     def folder(self) -> str:
-        tag = "-".join(f"{k.split('.')[-1]}={v}" for k, v in sorted(self.hparams.items())) or "default"
-        return f"{self.algorithm}/{self.test_domain}/{tag}/seed{self.seed}"
+        leaf = self.variant or ("fold-all" if self.fold == "all" else "")
+        base = f"{self.algorithm}/{self.test_domain}/{self.config}/seed{self.seed}"
+        return f"{base}/{leaf}" if leaf else base
 
     def argv(self, extra: list[str]) -> list[str]:
+        held_out = ", ".join(filter(None, (self.test_domain, self.validate_on)))
         out = ["fit", "--algo", self.algorithm, *extra,
-               "--data.test_domains", f"[{self.test_domain}]", "--seed_everything", str(self.seed)]
+               "--data.test_domains", f"[{held_out}]", "--seed_everything", str(self.seed)]
         for key, value in self.hparams.items():
             out += [f"--{key}", value]
+        if self.fold:
+            training, validation = FOLD_DATA[self.fold]
+            out += ["--data.crafted_training", training, "--data.crafted_validation", validation]
         return out
 
 
 def plan(algorithms: list[str], test_domains: list[str], seeds: list[int],
-         grid: dict[str, list[str]], random_count: int | None = None, sweep_seed: int = 0) -> list[Run]:
-    """Every combination (or ``random_count`` of them, drawn with ``sweep_seed``)."""
+         grid: dict[str, list[str]], random_count: int | None = None, sweep_seed: int = 0,
+         kfold: bool = False, lodo: list[str] | None = None) -> list[Run]:
+    """Every combination (or ``random_count`` of them, drawn with ``sweep_seed``), each
+    with the extra runs of ``kfold`` and of leave-one-domain-out over ``lodo`` (domains)."""
     settings = [dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())]
     if random_count is not None:
         settings = random.Random(sweep_seed).sample(settings, min(random_count, len(settings)))
-    return [Run(a, d, s, h) for a in algorithms for h in settings for d in test_domains for s in seeds]
+    runs = []
+    for a, h, d, s in itertools.product(algorithms, settings, test_domains, seeds):
+        main = "all" if kfold else ""
+        runs += [Run(a, d, s, h, fold=f) for f in (("A", "B") if kfold else ())]
+        runs.append(Run(a, d, s, h, fold=main))
+        runs += [Run(a, d, s, h, fold=main, validate_on=v) for v in (lodo or []) if v != d]
+    return runs
 
 
 def finished(directory: Path) -> bool:
@@ -76,7 +114,8 @@ def execute(run: Run, root: Path, extra: list[str]) -> str:
         return "skipped"
     directory.mkdir(parents=True, exist_ok=True)
     argv = run.argv(extra)
-    (directory / RUN_FILE).write_text(json.dumps({**asdict(run), "argv": argv}, indent=2))
+    (directory / RUN_FILE).write_text(json.dumps(
+        {**asdict(run), "config": run.config, "variant": run.variant, "argv": argv}, indent=2))
     with _inside(directory):
         try:
             main(argv)
@@ -118,6 +157,11 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--grid", nargs="*", default=[], help="KEY=V1,V2 ... (dgkit fit keys)")
     parser.add_argument("--random", type=int, help="draw this many hyperparameter settings")
     parser.add_argument("--sweep-seed", type=int, default=0)
+    parser.add_argument("--kfold", action="store_true",
+                        help="crafted-shift k-fold selection: fold-A, fold-B and fold-all runs")
+    parser.add_argument("--lodo", nargs="*", metavar="DOMAIN",
+                        help="leave-one-domain-out selection over these training domains "
+                        "(no names: the other --test-domains)")
     parser.add_argument("--index", type=int, help="run only this combination (Slurm array task)")
     parser.add_argument("--slurm", action="store_true",
                         help="write DIR/sweep.sbatch (a job array) instead of running")
@@ -127,8 +171,9 @@ def main(argv: list[str]) -> None:
     extra = [a for a in extra if a != "--"]
     root = Path(args.dir).resolve()
     root.mkdir(parents=True, exist_ok=True)
+    lodo = None if args.lodo is None else (args.lodo or args.test_domains)
     runs = plan(args.algos, args.test_domains, args.seeds, parse_grid(args.grid), args.random,
-                args.sweep_seed)
+                args.sweep_seed, args.kfold, lodo)
     if args.slurm:
         own = [a for a in ["sweep", *argv] if a != "--slurm" and not a.startswith("--sbatch")]
         path = slurm_script(root, own, len(runs), args.sbatch)

@@ -98,3 +98,60 @@ def test_a_fold_seen_in_training_never_validates():
     data.setup("fit")
     batch, _, _ = next(iter(data.train_dataloader()))
     assert batch[0][0].shape == (8, 1, 28, 28)
+
+
+KFOLD = ["sweep", "--dir", "kfold", "--algos", "erm", "--test-domains", "0", "--kfold",
+         "--lodo", "15", "30", "--grid", "model.optimizer.init_args.lr=1e-3,1e-1", "--",
+         "--data", "rotated_mnist", "--model.backbone", "mlp", "--data.batch_size", "8",
+         "--data.eval_batch_size", "32", "--trainer.limit_val_batches", "1",
+         "--trainer.max_steps", "6", "--trainer.val_check_interval", "3",
+         "--data.track_test", "true", "--trainer.enable_progress_bar", "false",
+         "--trainer.enable_model_summary", "false"]
+
+
+def _final(folder, prefix):
+    metrics = pd.read_csv(next(folder.glob("runs/version_*/metrics.csv")))
+    last = metrics.groupby("step").first().dropna(subset=["heldout/accuracy"]).iloc[-1]
+    return {k: v for k, v in last.items() if k.startswith(prefix)}
+
+
+def test_kfold_and_leave_one_domain_out_runs_and_their_selection(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    main(KFOLD)
+    root = tmp_path / "kfold" / "erm" / "0"
+    for lr in ("1e-3", "1e-1"):
+        seed = root / f"lr={lr}" / "seed0"
+        assert sorted(p.name for p in seed.iterdir()) == [
+            "fold-A", "fold-B", "fold-all", "lodo-15", "lodo-30"]
+        a, b = (json.loads((seed / f / "run.json").read_text())["argv"] for f in ("fold-A", "fold-B"))
+        assert a[a.index("--data.crafted_training") + 1] == "[A]"
+        assert b[b.index("--data.crafted_validation") + 1] == "[A]"
+        lodo = json.loads((seed / "lodo-15" / "run.json").read_text())["argv"]
+        assert lodo[lodo.index("--data.test_domains") + 1] == "[0, 15]"
+        assert lodo[lodo.index("--data.crafted_training") + 1] == "[all]"  # trained like fold-all
+    main(["report", "kfold"])
+    table = pd.read_csv(tmp_path / "kfold" / "results.csv").set_index(["selection", "domain"])
+
+    cv = {}  # the crafted-shift k-fold score per setting, read off the fold runs' records
+    for lr in ("1e-3", "1e-1"):
+        seed = root / f"lr={lr}" / "seed0"
+        scores = [*_final(seed / "fold-A", "crafted/accuracy/").values(),
+                  *_final(seed / "fold-B", "crafted/accuracy/").values()]
+        assert len(scores) == 10  # fold A's run validates on B's five categories, and back
+        cv[lr] = (statistics.fmean(scores), _final(seed / "fold-all", "heldout/accuracy")["heldout/accuracy"])
+    best = max(cv.values(), key=lambda v: v[0])
+    assert table.loc[("crafted-shift k-fold", "0"), "mean"] == pytest.approx(best[1])
+
+    lodo = {}  # leave-one-domain-out: mean accuracy on the extra held-out domain, per step
+    for lr in ("1e-3", "1e-1"):
+        seed = root / f"lr={lr}" / "seed0"
+        steps = {}
+        for d in ("15", "30"):
+            m = pd.read_csv(next((seed / f"lodo-{d}").glob("runs/*/metrics.csv")))
+            steps[d] = m.groupby("step").first()[f"heldout/accuracy/{d}"].dropna()
+        main_run = pd.read_csv(next((seed / "fold-all").glob("runs/*/metrics.csv")))
+        held = main_run.groupby("step").first()["heldout/accuracy"].dropna()
+        for step, value in held.items():
+            lodo[(lr, step)] = ((steps["15"][step] + steps["30"][step]) / 2, value)
+    best = max(lodo.values(), key=lambda v: v[0])
+    assert table.loc[("leave-one-domain-out", "0"), "mean"] == pytest.approx(best[1])

@@ -139,3 +139,28 @@ def test_corrupt_wilds_image_is_reported_by_file(camelyon_root, tmp_path):
     (root / "camelyon17_v1.0" / name).write_bytes(b"\x89PNG broken")
     with pytest.raises(DGKitError, match=f"cannot read image {name} under .*camelyon17_v1.0"):
         stream[0]
+
+
+def test_crafted_shifts_and_heldout_tracking_on_official_splits(camelyon_root):
+    """Crafted validation shifts the in-distribution validation split (id_val), crafted
+    training mixes shifted copies into the training stream, and the OOD test is tracked."""
+    data = Camelyon17(root=str(camelyon_root), image_size=32)
+    dm = DomainDataModule(data, batch_size=8, crafted_validation=["edges", "weather"],
+                          crafted_training=["color"], track_test=True)
+    assert list(dm.task.stages) == ["val", "ood_val", "crafted", "heldout", "test"]
+    assert dm.task.stages["crafted"] == ("edges", "weather")
+    dm.setup("fit")
+    loaders = dm.val_dataloader()
+    assert len(loaders) == 5
+    clean = next(iter(loaders[0]))
+    edged = next(iter(loaders[2]))
+    assert torch.equal(clean[1], edged[1]) and torch.equal(clean[2], edged[2])  # same samples
+    assert not torch.equal(clean[0], edged[0])
+    heldout, test = next(iter(loaders[4])), next(iter(dm.test_dataloader()[0]))
+    assert torch.equal(heldout[0], test[0])
+    x, _, domains = next(iter(dm.train_dataloader()))[0]["mixed"]
+    assert x.shape == (8, 3, 32, 32) and domains.dtype == torch.long
+    mixed = dm._training_split(0)
+    assert [s.category for s in mixed.shifted] == ["color"] and mixed.data is dm.official_train
+    with pytest.raises(ConfigError, match="share a fold"):
+        DomainDataModule(data, crafted_validation=["blur"], crafted_training=["color"])

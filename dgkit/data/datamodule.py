@@ -185,9 +185,6 @@ class DomainDataModule(LightningDataModule):
             raise ConfigError("data.crafted_validation", f"{', '.join(leaking)} share a fold with "
                               f"the training shifts {', '.join(self.crafted_training)}; a fold seen "
                               "in training never validates", "categories of the other fold")
-        if self.official and (self.crafted_validation or self.crafted_training or track_test):
-            raise ConfigError("data.crafted_validation", f"{ds.name} has official splits",
-                              "no crafted validation or test tracking on WILDS yet")
         self.track_test = track_test
         self.splits: dict[int, tuple[Dataset, Dataset]] = {}
         self.official_train: Dataset | None = None
@@ -209,15 +206,15 @@ class DomainDataModule(LightningDataModule):
     @property
     def task(self) -> Task:
         ds = self.dataset
-        if self.official:
-            return Task(input_shape=tuple(ds.input_shape), num_classes=ds.num_classes,
-                        source_domains=tuple(ds.domains), target_domains=ds.streams["test"],
-                        default_backbone=ds.default_backbone, dataset=ds.name,
-                        streams=tuple(ds.streams.items()))
-        sources = tuple(ds.domains[i] for i in self.source_indices)
-        targets = tuple(ds.domains[i] for i in self.test_indices)
+        if self.official:  # WILDS: its splits, then ours on top, test last
+            sources, targets = tuple(ds.domains), ds.streams["test"]
+            validation = tuple((s, n) for s, n in ds.streams.items() if s != "test")
+        else:
+            sources = tuple(ds.domains[i] for i in self.source_indices)
+            targets = tuple(ds.domains[i] for i in self.test_indices)
+            validation = (("val", sources), *((("oracle", targets),) if self.oracle else ()))
         # The one place that orders the evaluation streams; the loaders follow it.
-        streams = (("val", sources), *((("oracle", targets),) if self.oracle else ()),
+        streams = (*validation,
                    *((("crafted", self.crafted_validation),) if self.crafted_validation else ()),
                    *((("heldout", targets),) if self.track_test else ()), ("test", targets))
         return Task(
@@ -249,7 +246,7 @@ class DomainDataModule(LightningDataModule):
                                   f"has only {n} training samples", f"<= {n}")
 
     def _training_split(self, index: int) -> Dataset:
-        data = self.splits[index][0]
+        data = self.official_train if self.official else self.splits[index][0]
         if not self.crafted_training:
             return data
         if self._crafted_training.get(index) is None:  # fixed draws, cached across epochs
@@ -283,7 +280,7 @@ class DomainDataModule(LightningDataModule):
 
     def train_dataloader(self) -> CombinedLoader:
         if self.official:  # many domains: one shuffled stream, each sample with its domain
-            train = self._view(self.official_train, True)
+            train = self._view(self._training_split(0), True)
             return CombinedLoader({"mixed": self._loader(train, self.batch_size, True)},
                                   mode="max_size_cycle")
         # One minibatch per source domain per step; smaller domains cycle (DomainBed
@@ -306,9 +303,12 @@ class DomainDataModule(LightningDataModule):
 
     def _stream_data(self, stage: str) -> list[Dataset]:
         """The data of every stream of evaluation ``stage`` (``Task.streams`` names them)."""
-        if self.official:
-            return self.official_streams[stage]
-        holdouts = [self.splits[i][1] for i in self.source_indices]
+        if self.official:  # crafted shifts of the in-distribution validation split (id_val)
+            holdouts = self.official_streams["val"]
+            if stage not in ("crafted", "heldout"):
+                return self.official_streams[stage]
+        else:
+            holdouts = [self.splits[i][1] for i in self.source_indices]
         if stage == "val":
             return holdouts
         if stage == "oracle":
@@ -316,6 +316,8 @@ class DomainDataModule(LightningDataModule):
         if stage == "crafted":
             return [ShiftedDataset(ConcatDataset(holdouts), category, seed=self.split_seed)
                     for category in self.crafted_validation]
+        if self.official:
+            return self.official_streams["test"]
         return [self.splits[i][0] for i in self.test_indices]  # heldout and test
 
     def _eval_loaders(self, stages: list[tuple[str, int]]) -> list[DataLoader]:

@@ -286,9 +286,10 @@ class ShiftedDataset(Dataset):
 
     def __getitem__(self, index: int):
         x, *rest = self.data[index]
-        if isinstance(x, str):  # an image file: shift the decoded RGB image, before any transform
+        if isinstance(x, str | np.ndarray):  # a file or a decoded RGB image: before any transform
             if self._cache is None or index not in self._cache:
-                image = shift_image(read_rgb(x), self.transform, _seed(self.seed, self.category, index))
+                image = read_rgb(x) if isinstance(x, str) else x
+                image = shift_image(image, self.transform, _seed(self.seed, self.category, index))
                 if self._cache is None:
                     return (image, *rest)
                 self._cache[index] = image
