@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 from torch import Tensor, nn
 
+from dgkit.distributed import average_gradients
 from dgkit.errors import DGKitError
 from dgkit.networks import Backbone, Featurizer
 from dgkit.task import Task
@@ -105,6 +106,12 @@ class Optimization:
         """Context in which backward passes do not all-reduce gradients under DDP."""
         return self._no_sync()
 
+    def average_gradients(self, params: Iterable[Tensor]) -> None:
+        """Average these parameters' gradients across DDP ranks (nothing on one device):
+        for updates whose backward passes ran under :meth:`no_sync`, e.g. several
+        backward passes over different parameters in one step."""
+        average_gradients(params)
+
 
 class Algorithm(nn.Module):
     """Base class of every algorithm; subclasses' ``__init__`` signatures are their CLI.
@@ -118,6 +125,10 @@ class Algorithm(nn.Module):
     adapts_at_test: ClassVar[bool] = False
     #: ``adapt`` takes gradients, so evaluation must run outside ``torch.inference_mode``.
     needs_grad_at_test: ClassVar[bool] = False
+    #: some parameters take no part in some steps' backward (one model trained at a time,
+    #: a network updated by its own pass): under DDP the module turns on
+    #: ``find_unused_parameters`` so gradients still all-reduce.
+    unused_parameters: ClassVar[bool] = False
     #: hypotheses the algorithm keeps; above 1, ``head_logits`` gives each one's logits and
     #: the module logs per-head metrics.
     num_heads: int = 1

@@ -8,28 +8,38 @@ LightningCLI. ``dgkit list`` shows what the installed plugins register.
 
 from __future__ import annotations
 
+import argparse
+import difflib
 import importlib
+import inspect
 import json
+import os
 import re
 import sys
+import traceback
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+import yaml
 from lightning import Trainer
+from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.plugins.environments import SLURMEnvironment
 from rich.console import Console
 from rich.text import Text
 
+from dgkit.checkpointing import AtomicCheckpointIO, ResumeCheckpoint
 from dgkit.data import DomainDataModule
 from dgkit.errors import ConfigError, DGKitError, UnknownAliasError
 from dgkit.module import DGModule, task_dict
-from dgkit.plugins import plugins, registry
+from dgkit.plugins import plugin_of, plugins, registry
 from dgkit.results import collect_results, print_results, write_results
+from dgkit.resume import find_unfinished, metrics_logged_before
 
 DEFAULT_ALGORITHM = "erm"
 DEFAULT_DATASET = "rotated_mnist"
@@ -66,6 +76,9 @@ class DGCLI(LightningCLI):
     def __init__(self, args: Sequence[str] | None = None, run: bool = True):
         # main() always hands over the rewritten argv; Lightning would warn that it differs.
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+        self._argv = list(args or [])
+        # DomainDataModule positions its samplers itself on resume (dgkit.data.resumable).
+        warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before")
         super().__init__(
             DGModule,
             DomainDataModule,
@@ -74,11 +87,33 @@ class DGCLI(LightningCLI):
             save_config_kwargs={"overwrite": True},
             auto_configure_optimizers=False,
             load_from_checkpoint_support=True,
+            # Parse errors raise (main() prints them as one line) instead of a usage dump.
             parser_kwargs={"description": "dgkit: domain generalization. Pick an algorithm "
-                           "and data set with --algo ALIAS and --data ALIAS (see `dgkit list`)."},
+                           "and data set with --algo ALIAS and --data ALIAS (see `dgkit list`).",
+                           "exit_on_error": False,
+                           **{cmd: {"exit_on_error": False} for cmd in self.subcommands()}},
             args=list(args) if args is not None else None,
             run=run,
         )
+
+    def _parse_ckpt_path(self) -> None:
+        # Lightning lays the checkpoint's model hyperparameters over the command line; an
+        # algorithm named there explicitly would silently give way to the checkpoint's.
+        sub = self.config.get("subcommand")
+        chosen = self.config[sub].model.algorithm if sub else None
+        explicit = chosen is not None and any(a.startswith("--model.algorithm") for a in self._argv)
+        super()._parse_ckpt_path()
+        if explicit:
+            written = self.config[self.config.subcommand].model.algorithm
+            if _resolve(written.class_path) is not _resolve(chosen.class_path):
+                ckpt = self.config[self.config.subcommand].ckpt_path
+                names = {e.obj: e.alias for e in registry("algorithm")}
+                theirs = names.get(_resolve(written.class_path), written.class_path)
+                mine = names.get(_resolve(chosen.class_path), chosen.class_path)
+                raise ConfigError("ckpt_path", f"{ckpt} was written by {theirs}, but --algo asks for {mine}",
+                                  f"a checkpoint of {mine}; or leave --algo out to use this one as "
+                                  f"{theirs}; or --model.init_from {ckpt} to start {mine} from its "
+                                  "representation")
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.task", "model.task", compute_fn=task_dict,
@@ -90,10 +125,15 @@ class DGCLI(LightningCLI):
         })
         # Training-domain validation picks the checkpoint that is tested after fit.
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        # last.ckpt, kept fresh for resuming (and Slurm's requeue signal), is its own callback.
+        parser.add_lightning_class_args(ResumeCheckpoint, "last_checkpoint")
+        parser.add_argument("--resume", type=bool, default=True,
+                            help="fit: continue the newest unfinished run of this same "
+                            "configuration from its last.ckpt, in its folder (false: start anew)")
         parser.set_defaults({
             "checkpoint.monitor": "val/accuracy",
             "checkpoint.mode": "max",
-            "checkpoint.save_last": True,
+            "checkpoint.save_last": False,
             "checkpoint.filename": "best-{epoch}-{step}",
             "checkpoint.auto_insert_metric_name": False,
         })
@@ -103,8 +143,47 @@ class DGCLI(LightningCLI):
         if ckpt and ckpt not in ("best", "last", "hpc", "registry") and not Path(ckpt).is_file():
             raise ConfigError("ckpt_path", f"no checkpoint file at {ckpt!r}",
                               "a .ckpt written by `dgkit fit`, e.g. runs/version_0/checkpoints/last.ckpt")
+        self._kept_metrics: list[dict[str, int | float]] = []
+        if self.subcommand == "fit" and ckpt is None and self.config.fit.get("resume"):
+            self._resume_unfinished()
+
+    def _resume_unfinished(self) -> None:
+        """Same configuration as an unfinished run: continue it (see dgkit.resume)."""
+        config = self.config.fit
+        loggers = config.trainer.logger
+        if not isinstance(loggers, list) or not loggers or "init_args" not in loggers[0]:
+            return  # no logger, no run folder to find
+        first = loggers[0].init_args
+        if first.get("version") is not None:
+            return
+        root = Path(first.get("save_dir") or ".") / (first.get("name") or "")
+        with warnings.catch_warnings():  # the same dump as config.yaml (SaveConfigCallback)
+            warnings.simplefilter("ignore")
+            dump = yaml.safe_load(self._parser("fit").dump(config, skip_none=False))
+        found = find_unfinished(root, dump)
+        if found is None:
+            return
+        version, checkpoint = found
+        for logger in loggers:
+            if "init_args" in logger and "version" in logger.init_args:
+                logger.init_args.version = version
+        config.ckpt_path = str(checkpoint)
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        step = state["global_step"]
+        self._kept_metrics = metrics_logged_before(state, checkpoint.parent.parent)
+        Console(stderr=True).print(f"resuming the unfinished run {checkpoint.parent.parent} from step "
+                                   f"{step} ({checkpoint}); --resume false starts a new run")
 
     def _instantiate_trainer(self, config: dict, callbacks: list) -> Trainer:
+        plugins = config.get("plugins") or []
+        plugins = list(plugins) if isinstance(plugins, list | tuple) else [plugins]
+        if not any(isinstance(p, CheckpointIO) for p in plugins):
+            plugins.append(AtomicCheckpointIO())
+        if SLURMEnvironment.detect() and not any(isinstance(p, ClusterEnvironment) for p in plugins):
+            # ResumeCheckpoint acts on the requeue signal at a batch boundary; Lightning's own
+            # handler would save from inside the signal handler, possibly mid-update.
+            plugins.append(SLURMEnvironment(auto_requeue=False))
+        config = {**config, "plugins": plugins}
         # A rich progress bar by default, unless bars are off or the user chose another.
         chosen = [*callbacks, *(config.get("callbacks") or [])]
         if config.get("enable_progress_bar") is not False and not any(
@@ -126,10 +205,25 @@ class DGCLI(LightningCLI):
             for logger in loggers[1:]:
                 if isinstance(logger, TensorBoardLogger):
                     logger._version = loggers[0].version
+        # A resumed run: its CSV logger starts a fresh metrics.csv; the rows logged before
+        # the checkpoint go back in first.
+        csv_logger = loggers[0] if loggers and isinstance(loggers[0], CSVLogger) else None
+        if self._kept_metrics and csv_logger is not None and self.trainer.is_global_zero:
+            for row in self._kept_metrics:
+                step = int(row.pop("step"))
+                csv_logger.experiment.log_metrics(row, step)
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        try:
+            super()._run_subcommand(subcommand)
+        except torch.OutOfMemoryError as exc:
+            raise DGKitError(out_of_memory_message(exc, self.datamodule, self.trainer)) from None
 
     def after_fit(self) -> None:
         if self.trainer.interrupted or self.trainer.fast_dev_run:
             return
+        if any(getattr(c, "requeued", False) for c in self.trainer.callbacks):
+            return  # stopped for a Slurm requeue: the requeued job finishes and tests
         best = self.trainer.checkpoint_callback
         ckpt = "best" if best is not None and best.best_model_path else None
         stages = list(self.model.stages)  # of the whole fit; loading the best one resets them
@@ -168,6 +262,27 @@ class DGCLI(LightningCLI):
         if self.trainer.log_dir:
             path = write_results(results, Path(self.trainer.log_dir))
             Console(stderr=True).print(f"results written to {path}")
+
+
+def _resolve(class_path: str) -> object:
+    module, _, name = class_path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        return class_path
+
+
+def out_of_memory_message(exc: BaseException, datamodule: object, trainer: Trainer) -> str:
+    batch = getattr(datamodule, "batch_size", None)
+    official = getattr(datamodule, "official", False)  # WILDS: one mixed stream
+    domains = 1 if official or datamodule is None else len(datamodule.task.source_domains)
+    per_step = (f"{batch} per domain x {domains} domain(s) = {batch * domains} images per step "
+                "per device") if batch else "the batch"
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else "out of memory"
+    return (f"out of memory on {trainer.strategy.root_device} with --data.batch_size {batch} "
+            f"({per_step}): {first}. Lower --data.batch_size (and keep the effective batch with "
+            "--trainer.accumulate_grad_batches), train in --trainer.precision bf16-mixed, or pick a "
+            "smaller --model.backbone.")
 
 
 def rewrite_aliases(argv: Sequence[str]) -> list[str]:
@@ -261,10 +376,45 @@ def main(argv: Sequence[str] | None = None) -> None:
             return
         DGCLI(data_from_checkpoint(rewrite_aliases(argv)))
     except (DGKitError, MisconfigurationException) as exc:
-        # Text, not markup: messages hold brackets ("[Art]") that rich would swallow.
-        Console(stderr=True, soft_wrap=True).print(
-            Text("dgkit: error: ", style="bold red") + Text(_user_message(exc)), highlight=False)
-        sys.exit(2)
+        _fail(_user_message(exc))
+    except argparse.ArgumentError as exc:
+        _fail(_parse_message(str(exc), argv[0] if argv else "fit"))
+    except Exception as exc:
+        culprit = plugin_of(exc)
+        if culprit is None:
+            raise
+        if os.environ.get("DGKIT_TRACEBACK"):
+            traceback.print_exc()
+        _fail(f"plugin {culprit.plugin!r} ({culprit.distribution}) raised {type(exc).__name__} in "
+              f"{culprit.where}: {exc}. This is an error in that plugin's code (or a setting it "
+              "does not check); DGKIT_TRACEBACK=1 shows the whole traceback.", code=1)
+
+
+def _fail(message: str, code: int = 2) -> None:
+    # Text, not markup: messages hold brackets ("[Art]") that rich would swallow.
+    Console(stderr=True, soft_wrap=True).print(
+        Text("dgkit: error: ", style="bold red") + Text(message), highlight=False)
+    sys.exit(code)
+
+
+# Where the options of each top-level config section come from, for "did you mean".
+SECTIONS = {"trainer": Trainer.__init__, "model": DGModule.__init__,
+            "data": DomainDataModule.__init__, "checkpoint": ModelCheckpoint.__init__,
+            "last_checkpoint": ResumeCheckpoint.__init__}
+
+
+def _parse_message(message: str, subcommand: str) -> str:
+    """jsonargparse's message, with the closest known option for a mistyped key."""
+    unknown = re.search(r"does not accept option '([\w.]+)'|unrecognized arguments: --([\w.]+)", message)
+    key = unknown and (unknown.group(1) or unknown.group(2))
+    hint = ""
+    if key and "." in key and key.split(".")[0] in SECTIONS:
+        section, name = key.split(".", 1)
+        known = [p for p in inspect.signature(SECTIONS[section]).parameters if p != "self"]
+        close = difflib.get_close_matches(name, known, n=1)
+        if close:
+            hint = f" Did you mean '{section}.{close[0]}'?"
+    return f"{message}.{hint} `dgkit {subcommand} --help` lists every option."
 
 
 def _user_message(exc: BaseException) -> str:

@@ -6,6 +6,8 @@ call them unconditionally.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -28,3 +30,19 @@ def gather_rows(t: Tensor) -> Tensor:
     parts = [torch.zeros_like(padded) for _ in range(world_size())]
     dist.all_gather(parts, padded)
     return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes, strict=True)])
+
+
+def average_gradients(params: Iterable[Tensor]) -> None:
+    """All-reduce (mean) the gradients of ``params`` in one flat buffer."""
+    if world_size() == 1:
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world_size()
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()

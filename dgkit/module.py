@@ -11,6 +11,7 @@ from typing import Any, Literal
 import torch
 from lightning import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torchmetrics import MetricCollection
@@ -23,6 +24,7 @@ from dgkit.metrics import accuracy as accuracy_metric
 from dgkit.networks import Backbone
 from dgkit.plugins import registry
 from dgkit.representation import CHECKPOINT_KEY, load_representation, representation_prefixes
+from dgkit.resume import rng_states, set_rng_states
 from dgkit.task import Task
 
 AlgorithmFactory = Callable[[Task, Backbone], Algorithm]
@@ -234,13 +236,33 @@ class DGModule(LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["dgkit_stages"] = {"current": self._stage, "finished": self.stages}
+        checkpoint["dgkit_rng"] = rng_states()  # dropout and the algorithm's own draws
+        checkpoint["dgkit_algorithm"] = _qualified(type(self.algorithm))
         prefixes = representation_prefixes(self.algorithm)
         if prefixes is not None:
             checkpoint[CHECKPOINT_KEY] = prefixes
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._check_same_algorithm(checkpoint)
+        trainer = self._trainer
+        if "dgkit_rng" in checkpoint and trainer is not None and trainer.state.fn == "fit":
+            set_rng_states(checkpoint["dgkit_rng"])  # resuming: continue the same random stream
         stages = checkpoint.get("dgkit_stages") or {}
         self._stage, self.stages = stages.get("current"), list(stages.get("finished", []))
+
+    def _check_same_algorithm(self, checkpoint: dict[str, Any]) -> None:
+        written_by = checkpoint.get("dgkit_algorithm")
+        mine = _qualified(type(self.algorithm))
+        if written_by is None or written_by == mine:
+            return
+        aliases = {_qualified(e.obj): e.alias for e in registry("algorithm")}
+        theirs = aliases.get(written_by, written_by)
+        path = getattr(self._trainer, "ckpt_path", None) or "the checkpoint"
+        raise ConfigError("ckpt_path", f"{path} was written by {theirs}, but this run builds "
+                          f"{aliases.get(mine, mine)}",
+                          f"a checkpoint of {aliases.get(mine, mine)}; or --algo {theirs} to use this one "
+                          "(`dgkit test --ckpt_path FILE` alone rebuilds its algorithm); or --model.init_from"
+                          " FILE to start this algorithm from its representation")
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
         b = as_batch(batch)
@@ -322,6 +344,14 @@ class DGModule(LightningModule):
 
     def setup(self, stage: str) -> None:
         self._add_official_evaluation()
+        strategy = self.trainer.strategy
+        if self.algorithm.unused_parameters and isinstance(strategy, DDPStrategy):
+            # Before the strategy wraps the model in DDP (after this hook); the user's
+            # plain --trainer.strategy ddp would otherwise stop at the first idle parameter.
+            if not strategy._ddp_kwargs.get("find_unused_parameters"):
+                strategy._ddp_kwargs["find_unused_parameters"] = True
+                rank_zero_info(f"{type(self.algorithm).__name__} leaves some parameters out of "
+                               "some steps: DDP runs with find_unused_parameters=True")
         # Before a resumed checkpoint is restored, so resuming keeps the resumed weights.
         if stage == "fit" and self.hparams.init_from and self.init_report is None:
             self.init_report = load_representation(self.algorithm, self.hparams.init_from,
@@ -475,6 +505,10 @@ def _check_optimizer(optimizer: OptimizerCallable) -> None:
     except (ValueError, TypeError) as exc:
         raise ConfigError("model.optimizer", str(exc),
                           "lr >= 0, weight_decay >= 0, betas in [0, 1)") from None
+
+
+def _qualified(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def task_dict(task: Task) -> dict:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import types
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
@@ -151,3 +152,33 @@ def plugins() -> Plugins:
 
 def registry(kind: str) -> Registry:
     return plugins()[kind]
+
+
+@dataclass(frozen=True)
+class Culprit:
+    plugin: str
+    distribution: str
+    where: str  # function (file:line) of the deepest frame in the plugin's code
+
+
+def plugin_of(exc: BaseException) -> Culprit | None:
+    """The plugin whose own code raised ``exc``: the deepest traceback frame inside a
+    plugin's package (dgkit's core is no plugin's, even for the built-in registrations)."""
+    loaded = plugins()
+    packages = {}
+    for name, plugin in loaded.manager.list_name_plugin():
+        if isinstance(plugin, types.ModuleType):
+            package = plugin.__name__.split(".")[0]
+            if package != "dgkit":
+                packages[package] = name
+    culprit = None
+    tb = exc.__traceback__
+    while tb is not None:
+        module = str(tb.tb_frame.f_globals.get("__name__", ""))
+        name = packages.get(module.split(".")[0])
+        if name is not None:
+            code = tb.tb_frame.f_code
+            where = f"{getattr(code, 'co_qualname', code.co_name)} ({code.co_filename}:{tb.tb_lineno})"
+            culprit = Culprit(name, loaded.distributions.get(name, "?"), where)
+        tb = tb.tb_next
+    return culprit

@@ -18,7 +18,7 @@ from dgkit.plugins import registry
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--algo", default="erm")
+    parser.add_argument("--algo", default="erm", help="one alias, or several: a,b,c (one fit each)")
     parser.add_argument("--devices", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=8, help="per domain and device")
     parser.add_argument("--steps", type=int, default=4)
@@ -26,26 +26,42 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--test", action="store_true", help="also test; save the metrics")
     parser.add_argument("--eval-batch-size", type=int, default=64, help="per device")
+    parser.add_argument("--limit-test-batches", type=int, help="test batches per stream")
     args = parser.parse_args()
 
+    for alias in args.algo.split(","):
+        # The same process group serves every fit: Lightning launches the ranks once.
+        fit(alias, args, f"{args.out}.{alias}" if "," in args.algo else args.out)
+
+
+# What some algorithms need on top of the command's settings, to train at all in a few steps.
+NEEDS = {"divdis": {"unlabeled": "source_holdout"}, "dbat": {"unlabeled": "source_holdout"},
+         "bonsai": {"hparams": {"rounds": 1, "stage_steps": [2, 2]}}, "itta": {"backbone": "mnist_cnn"}}
+
+
+def fit(alias: str, args: argparse.Namespace, out: str) -> None:
+    needs = NEEDS.get(alias, {})
     seed_everything(0)
     data = DomainDataModule(RotatedMNIST(), batch_size=args.batch_size, shuffle=False,
-                            eval_batch_size=args.eval_batch_size)
-    algorithm = registry("algorithm").get(args.algo).obj
-    model = DGModule(algorithm=functools.partial(algorithm, **eval(args.hparams)),
-                     task=task_dict(data.task), backbone="mlp",
+                            eval_batch_size=args.eval_batch_size,
+                            unlabeled=needs.get("unlabeled", "none"))
+    algorithm = registry("algorithm").get(alias).obj
+    hparams = {**needs.get("hparams", {}), **eval(args.hparams)}
+    model = DGModule(algorithm=functools.partial(algorithm, **hparams),
+                     task=task_dict(data.task), backbone=needs.get("backbone", "mlp"),
                      optimizer=functools.partial(torch.optim.SGD, lr=0.1))
     trainer = Trainer(accelerator="cpu", devices=args.devices,
                       strategy="ddp" if args.devices > 1 else "auto", max_steps=args.steps,
-                      limit_val_batches=0, logger=False, enable_checkpointing=False,
-                      enable_progress_bar=False, enable_model_summary=False)
+                      limit_val_batches=0, limit_test_batches=args.limit_test_batches or 1.0,
+                      logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                      enable_model_summary=False)
     trainer.fit(model, datamodule=data)
     torch.save({k: v for k, v in model.algorithm.state_dict().items() if torch.is_tensor(v)},
-               f"{args.out}.rank{trainer.global_rank}")
+               f"{out}.rank{trainer.global_rank}")
     if args.test:
         (metrics,) = trainer.test(model, datamodule=data, verbose=False)
         if trainer.is_global_zero:
-            torch.save({k: float(v) for k, v in metrics.items()}, f"{args.out}.test")
+            torch.save({k: float(v) for k, v in metrics.items()}, f"{out}.test")
 
 
 if __name__ == "__main__":

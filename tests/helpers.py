@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import signal
@@ -64,3 +65,14 @@ class KillAtStep(Callback):
     def on_train_batch_start(self, trainer, *args) -> None:
         if trainer.global_step == self.step:
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def inside(folder):
+    """Run in ``folder`` (the CLI writes runs/ under the working directory), then come back."""
+    previous = os.getcwd()
+    os.chdir(folder)
+    try:
+        yield folder
+    finally:
+        os.chdir(previous)

@@ -55,6 +55,9 @@ def test_print_config_round_trips_through_config_file(capsys, tmp_path):
         (["fit", "--data.test_domains", "[90]"], "data.test_domains: RotatedMNIST has no domain 90"),
         (["test", "--ckpt_path", "missing.ckpt"], "ckpt_path: no checkpoint file at 'missing.ckpt'"),
         (["fit", "--model.dropout", "1.5"], "model.dropout: 1.5 is not a probability"),
+        (["fit", "--algo", "sam", "--model.algorithm.rho", "-1"], "model.algorithm.rho: -1.0 is negative"),
+        (["fit", "--trainer.max_stepz", "3"], "unrecognized arguments: --trainer.max_stepz 3. Did you "
+                                               "mean 'trainer.max_steps'?"),
         (["fit", "--model.metrics", "[accuracy,top5]"], "unknown metric 'top5'"),
     ],
 )

@@ -26,3 +26,27 @@ def test_config_parses_and_round_trips(path, capsys):
 def test_officehome_configs_cover_the_algorithms():
     names = {p.stem for p in CONFIGS if p.parent.name == "officehome"}
     assert {"erm", "sam", "udim", "drm", "itta", "adanpc", "bonsai"} <= names
+
+
+SBATCH = sorted((Path(__file__).parents[1] / "configs" / "slurm").glob("*.sbatch"))
+
+
+@pytest.mark.parametrize("path", SBATCH, ids=[p.stem for p in SBATCH])
+def test_slurm_templates_requeue_and_their_command_parses(path, capsys, monkeypatch):
+    import os
+    import shlex
+
+    script = path.read_text()
+    assert "#SBATCH --signal=SIGUSR1@" in script and "#SBATCH --requeue" in script
+    nodes = int(script.split("#SBATCH --nodes=")[1].split()[0])
+    env = {"SLURM_NTASKS_PER_NODE": "4", "SLURM_NNODES": str(nodes), "SLURM_CPUS_PER_TASK": "8"}
+    command = script.split("\nsrun ", 1)[1].replace("\\\n", " ").split("\n")[0]
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    words = shlex.split(os.path.expandvars(command.replace("$((SLURM_CPUS_PER_TASK - 1))", "7")))
+    assert words[:2] == ["dgkit", "fit"] and words[-1] == "$@"
+    with pytest.raises(SystemExit) as exit_info:
+        main([*words[1:-1], "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["trainer"]["num_nodes"] == nodes and printed["trainer"]["strategy"] == "ddp"

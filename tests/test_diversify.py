@@ -27,7 +27,8 @@ def test_unlabeled_target_stream_has_no_labels_and_never_the_test_images():
     batch, _, _ = next(iter(data.train_dataloader()))
     assert len(batch["sources"]) == 2 and torch.is_tensor(batch["unlabeled"])
     assert batch["unlabeled"].shape == (16, 2, 28, 28)  # images only, batch of the labelled size
-    (unlabeled,) = data.train_dataloader().iterables["unlabeled"].dataset.data.datasets
+    seeded = data.train_dataloader().iterables["unlabeled"].dataset
+    (unlabeled,) = seeded.data.data.datasets  # Seeded(ImagesOnly(ConcatDataset([...])))
     test_subset = data.splits[data.test_indices[0]][0]
     assert unlabeled is data.splits[data.test_indices[0]][1]  # the oracle split, not the test one
     assert not set(unlabeled.indices) & set(test_subset.indices)

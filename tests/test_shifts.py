@@ -50,7 +50,7 @@ def test_crafted_unlabeled_stream_is_source_holdout_under_each_shift():
     data = DomainDataModule(ColoredMNIST(), batch_size=8, unlabeled="crafted",
                             unlabeled_shifts=["color", "B"])
     data.setup("fit")
-    pool = data.train_dataloader().iterables["unlabeled"].dataset.data.datasets
+    pool = data.train_dataloader().iterables["unlabeled"].dataset.data.data.datasets  # Seeded(ImagesOnly)
     assert len(pool) == len(data.source_indices) * 6
     holdouts = [data.splits[i][1] for i in data.source_indices]
     assert all(any(p.data is h for h in holdouts) for p in pool)  # never a target image

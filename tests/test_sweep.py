@@ -7,6 +7,7 @@ import statistics
 
 import pandas as pd
 import pytest
+from helpers import inside
 
 from dgkit.cli import main
 from dgkit.data import DomainDataModule
@@ -22,16 +23,9 @@ SWEEP = ["sweep", "--dir", "sweep", "--algos", "erm", "sam", "--test-domains", "
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory):
-    import os
-
-    folder = tmp_path_factory.mktemp("sweep")
-    previous = os.getcwd()
-    os.chdir(folder)
-    try:
+    with inside(tmp_path_factory.mktemp("sweep")) as folder:
         main(SWEEP)
         main(["report", "sweep"])
-    finally:
-        os.chdir(previous)
     return folder / "sweep"
 
 

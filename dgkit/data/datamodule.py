@@ -12,15 +12,16 @@ loader per source domain (in ``Task.source_domains`` order) followed, when
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from lightning import LightningDataModule
 from lightning.pytorch.utilities import CombinedLoader
-from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler, Subset
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 
 from dgkit.data.base import MultiDomainDataset
 from dgkit.data.mnist import RotatedMNIST
+from dgkit.data.resumable import ResumableSampler, Seeded
 from dgkit.data.shifts import FOLDS, MixedShifts, ShiftedDataset, resolve_categories
 from dgkit.data.wilds_sets import check_no_domain_options
 from dgkit.errors import ConfigError
@@ -59,6 +60,9 @@ class ImagesOnly(Dataset):
 
     def __getitem__(self, index: int):
         return self.data[index][0]
+
+
+UNLABELED_KEY = 1000  # sampler key of the unlabeled stream; source domains use their index
 
 
 def _built_by_cli() -> bool:
@@ -190,6 +194,8 @@ class DomainDataModule(LightningDataModule):
         self.official_train: Dataset | None = None
         self.official_streams: dict[str, list[Dataset]] = {}
         self._crafted_training: dict[int, Dataset] = {}
+        self._samplers: list[ResumableSampler] = []
+        self._resume_at: dict[str, int] | None = None
         # Under the CLI the hparams are the parsed config (the data set as a class path), which
         # lets `dgkit test --ckpt_path` rebuild the data; a bare object would be pickled.
         self.save_hyperparameters(ignore=[] if _built_by_cli() else ["dataset"])
@@ -259,19 +265,42 @@ class DomainDataModule(LightningDataModule):
         fn = self.dataset.transform(train)
         return data if fn is None else Transformed(data, fn)
 
-    def _loader(self, data: Dataset, batch_size: int, train: bool) -> DataLoader:
+    def _loader(self, data: Dataset, batch_size: int, train: bool, key: int = 0) -> DataLoader:
         sampler = None
-        trainer = self.trainer
-        if train and trainer is not None and trainer.world_size > 1:
-            # Our own sampler, because Lightning's injected one always shuffles training
-            # data; with shuffle=False, N devices then see exactly one device's global batch.
-            sampler = DistributedSampler(data, num_replicas=trainer.world_size,
-                                         rank=trainer.global_rank, shuffle=self.shuffle,
-                                         seed=torch.initial_seed(), drop_last=True)
-        return DataLoader(data, batch_size=batch_size, sampler=sampler,
-                          shuffle=train and self.shuffle and sampler is None, drop_last=train,
+        if train:
+            # Order and augmentation as functions of (seed, epoch, pass, position), never of
+            # the global RNG, so a resumed run draws what the uninterrupted one would have;
+            # under DDP each rank takes its share, as DistributedSampler(drop_last) does.
+            trainer = self.trainer
+            rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+            sampler = ResumableSampler(len(data), batch_size, shuffle=self.shuffle,
+                                       seed=torch.initial_seed(), key=key, rank=rank, world_size=world)
+            self._samplers.append(sampler)
+            data = Seeded(data)
+        # Its own generator: making an iterator draws a worker seed, which would otherwise
+        # come from the global RNG and shift dropout and the like by when evaluations ran.
+        return DataLoader(data, batch_size=batch_size, sampler=sampler, drop_last=train,
                           num_workers=self.num_workers, pin_memory=self.pin_memory,
-                          persistent_workers=self.num_workers > 0)
+                          persistent_workers=self.num_workers > 0,
+                          generator=torch.Generator().manual_seed(key))
+
+    # --- resuming: where in the epoch the training loaders stood ------------------------
+    def state_dict(self) -> dict[str, Any]:
+        trainer = self.trainer
+        if trainer is None or trainer.state.fn != "fit":
+            return {}
+        # Batches of this epoch the model has trained on (prefetched ones not counted).
+        progress = trainer.fit_loop.epoch_loop.batch_progress.current
+        return {"epoch": trainer.current_epoch, "batches": progress.processed}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._resume_at = state_dict if "batches" in state_dict else None
+
+    def _position_samplers(self) -> None:
+        if self._resume_at is not None:
+            for sampler in self._samplers:
+                sampler.start(self._resume_at["epoch"], self._resume_at["batches"])
+            self._resume_at = None
 
     @property
     def transductive(self) -> bool:
@@ -279,13 +308,19 @@ class DomainDataModule(LightningDataModule):
         return self.unlabeled == "target"
 
     def train_dataloader(self) -> CombinedLoader:
+        self._samplers = []
+        loaders = self._training_loaders()
+        self._position_samplers()
+        return loaders
+
+    def _training_loaders(self) -> CombinedLoader:
         if self.official:  # many domains: one shuffled stream, each sample with its domain
             train = self._view(self._training_split(0), True)
             return CombinedLoader({"mixed": self._loader(train, self.batch_size, True)},
                                   mode="max_size_cycle")
         # One minibatch per source domain per step; smaller domains cycle (DomainBed
         # draws each domain's batch independently).
-        loaders = [self._loader(self._view(self._training_split(i), True), self.batch_size, True)
+        loaders = [self._loader(self._view(self._training_split(i), True), self.batch_size, True, key=i)
                    for i in self.source_indices]
         if self.unlabeled == "none":
             return CombinedLoader(loaders, mode="max_size_cycle")
@@ -298,7 +333,7 @@ class DomainDataModule(LightningDataModule):
             indices = self.test_indices if self.unlabeled == "target" else self.source_indices
             pool = [self.splits[i][1] for i in indices]
         images = ImagesOnly(self._view(ConcatDataset(pool), False))
-        unlabeled = self._loader(images, self.unlabeled_batch_size, True)
+        unlabeled = self._loader(images, self.unlabeled_batch_size, True, key=UNLABELED_KEY)
         return CombinedLoader({"sources": loaders, "unlabeled": unlabeled}, mode="max_size_cycle")
 
     def _stream_data(self, stage: str) -> list[Dataset]:
@@ -342,7 +377,8 @@ class DomainDataModule(LightningDataModule):
         if include_holdout:
             parts += self._stream_data("val")
         return DataLoader(self._view(ConcatDataset(parts), False), batch_size=self.eval_batch_size,
-                          shuffle=False, num_workers=self.num_workers, pin_memory=self.pin_memory)
+                          shuffle=False, num_workers=self.num_workers, pin_memory=self.pin_memory,
+                          generator=torch.Generator())
 
     def predict_dataloader(self) -> list[DataLoader]:
         return self.test_dataloader()

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from albumentations.pytorch import ToTensorV2
 
+from dgkit.data.resumable import sample_seed
 from dgkit.errors import ConfigError, DGKitError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -80,4 +81,7 @@ class LoadImage:
         """A path, or an image already decoded (and shifted) as RGB uint8."""
         if isinstance(image, str):
             image = read_rgb(image)
+        seed = sample_seed()
+        if seed is not None:  # a training sample: its augmentation is a function of its seed
+            self.transform.set_random_seed(seed % 2**32)
         return self.transform(image=image)["image"]

@@ -51,6 +51,8 @@ class Bonsai(Algorithm):
     network with its averaged head, which is also ``forward``.
     """
 
+    unused_parameters = True  # each stage trains one network
+
     def __init__(self, task: Task, backbone: Backbone, rounds: int = 2, robust: Robust = "max",
                  group_step: float = 0.01, balance: bool = True,
                  stage_steps: list[int] | None = None, select_rounds: int = 1):

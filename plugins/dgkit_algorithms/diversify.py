@@ -129,6 +129,8 @@ class DBAT(SelectsHead):
     disagrees with the earlier ones on unlabelled data. The run's steps are split evenly
     between the models (the stage follows the step count, so it survives a resume)."""
 
+    unused_parameters = True  # the models not in training sit out each step
+
     def __init__(self, task: Task, backbone: Backbone, models: int = 2, alpha: float = 1.0,
                  variant: Literal["v1", "v2"] = "v1", selection: Selection = "target_queries",
                  num_queries: int = 16):

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from dgkit import Algorithm, Backbone, Batch, Optimization, Task
 from dgkit.adaptation import TestOptimizerState
+from dgkit.distributed import average_gradients
 from dgkit.errors import check
 from dgkit.networks import split_stages
 
@@ -136,9 +137,16 @@ class ITTA(TestOptimizerState, Algorithm):
 
     def training_update(self, batch: Batch, opt: Optimization) -> dict[str, Tensor]:
         main, w_opt = opt.optimizers
+        # Two backward passes over different parameters: under DDP each runs unsynced and
+        # the parameters it updates average their gradients before their step.
+        with opt.no_sync():
+            return self._update(batch, opt, main, w_opt)
+
+    def _update(self, batch: Batch, opt: Optimization, main, w_opt) -> dict[str, Tensor]:
         reg, cls = self._losses(batch)
         opt.zero_grad(main)
         opt.backward(reg + cls, inputs=list(self.parameter_groups()))
+        opt.average_gradients(self.parameter_groups())
         opt.step(main)
         # Fit w so that the consistency gradient on the backbone points where the
         # classification gradient does (second fresh forward, as in the reference).
@@ -152,6 +160,7 @@ class ITTA(TestOptimizerState, Algorithm):
         penalty = self.alignment_weight * (_zscore(flat_reg) - _zscore(flat_cls)).pow(2).mean()
         opt.zero_grad(w_opt)
         opt.backward(penalty, inputs=list(self.consistency.parameters()))
+        opt.average_gradients(self.consistency.parameters())
         opt.step(w_opt)
         return {"loss": cls.detach(), "consistency": reg.detach(), "alignment": penalty.detach()}
 
@@ -162,6 +171,7 @@ class ITTA(TestOptimizerState, Algorithm):
             loss = self.consistency_loss(z, z_aug) * self.test_loss_scale
             self._test_optimizer.zero_grad(set_to_none=True)
             loss.backward(inputs=list(self.adaptive.parameters()))
+            average_gradients(self.adaptive.parameters())  # DDP: ranks adapt as one, on the global batch
             self._test_optimizer.step()
         with torch.no_grad():
             z, _ = self.two_stream(x, adapted=True, augment=False)

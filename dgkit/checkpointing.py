@@ -1,0 +1,175 @@
+"""Checkpoints that survive being killed: atomic writes, a resume checkpoint kept fresh
+during training, and Slurm's pre-emption warning turned into a checkpoint and a requeue.
+
+- :class:`AtomicCheckpointIO` writes every checkpoint (best, last, stage, Slurm) to a
+  temporary file in the same folder and renames it over the old one, so no reader ever
+  takes half a file for the latest. (Lightning's own writer stages the file in the
+  system's temporary folder and moves it, which is a copy when that folder is on
+  another file system, as it is on clusters.)
+- :class:`ResumeCheckpoint` keeps ``last.ckpt`` at most ``every_n_steps`` behind, after
+  every validation and at the end; the file holds everything an exact resume needs
+  (weights, optimizers, schedulers, loops, the data position and the RNG states).
+- Under Slurm, the requeue signal (``SIGUSR1``, ``#SBATCH --signal=SIGUSR1@90``) is
+  acted on at the next batch boundary, on every rank at the same step: the checkpoint is
+  written, the job requeued with ``scontrol requeue`` and training stopped; the requeued
+  job runs the same command and resumes (see :func:`dgkit.resume.find_unfinished`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import os
+import signal
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning import Callback, LightningModule, Trainer
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+from dgkit.errors import ConfigError
+
+RESUME_FILE = "last.ckpt"
+METRICS_FILE = "metrics.csv"
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any,
+                        storage_options: Any | None = None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options")
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                torch.save(checkpoint, fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+
+
+def _count_rows(trainer: Trainer) -> int | None:
+    loggers = [lg for lg in trainer.loggers if isinstance(lg, CSVLogger)]
+    if not loggers:
+        return None
+    path = Path(loggers[0].log_dir) / METRICS_FILE
+    if not path.is_file():
+        return 0
+    with open(path, newline="") as fh:
+        return sum(1 for _ in csv.DictReader(fh))
+
+
+def slurm_job_id() -> str | None:
+    """The id ``scontrol requeue`` takes (an array task's own id), or None outside Slurm."""
+    array = os.environ.get("SLURM_ARRAY_JOB_ID")
+    if array is not None and "SLURM_ARRAY_TASK_ID" in os.environ:
+        return f"{array}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    return os.environ.get("SLURM_JOB_ID")
+
+
+class ResumeCheckpoint(Callback):
+    """Keep ``last.ckpt`` in the run's checkpoint folder fresh; act on Slurm's requeue signal."""
+
+    requeue_signal = signal.SIGUSR1  # what `#SBATCH --signal=SIGUSR1@90` sends
+
+    def __init__(self, every_n_steps: int = 50):
+        """
+        Args:
+            every_n_steps: write the resume checkpoint every this many training steps
+                (besides after each validation and at the end); 0 turns the periodic
+                writes off.
+        """
+        if every_n_steps < 0:
+            raise ConfigError("last_checkpoint.every_n_steps", f"{every_n_steps}", ">= 0")
+        self.every_n_steps = every_n_steps
+        self.requeued = False
+        self._signalled = False
+        self._metrics_rows: int | None = None
+        self._previous_handler: Any = None
+
+    # --- where -------------------------------------------------------------------------
+    @staticmethod
+    def folder(trainer: Trainer) -> Path:
+        callback = trainer.checkpoint_callback
+        if callback is not None and getattr(callback, "dirpath", None):
+            return Path(callback.dirpath)
+        return Path(trainer.log_dir or trainer.default_root_dir) / "checkpoints"
+
+    def save(self, trainer: Trainer) -> Path:
+        # The metrics logged so far go to disk first and their count into the checkpoint,
+        # so a resumed run keeps exactly them (see dgkit.resume.metrics_logged_before).
+        for logger in trainer.loggers:
+            logger.save()
+        self._metrics_rows = _count_rows(trainer) if trainer.is_global_zero else None
+        path = self.folder(trainer) / RESUME_FILE
+        trainer.save_checkpoint(path)  # every rank takes part; rank 0 writes, atomically
+        return path
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"metrics_rows": self._metrics_rows}
+
+    # --- when --------------------------------------------------------------------------
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if slurm_job_id() is not None:
+            self._previous_handler = signal.signal(self.requeue_signal, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        # Only a flag: the weights may be half-way through an update right now.
+        self._signalled = True
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any,
+                           batch: Any, batch_idx: int) -> None:
+        if self.requeued:
+            return
+        if self._previous_handler is not None and trainer.strategy.reduce_boolean_decision(
+                self._signalled, all=False):
+            self._requeue(trainer)
+            return
+        step = trainer.global_step
+        if self.every_n_steps and step > 0 and step % self.every_n_steps == 0:
+            self.save(trainer)
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # Not after a requeue: Lightning validates once more when told to stop, and the
+        # checkpoint must stay at the batch boundary where the signal was acted on.
+        if trainer.state.fn == "fit" and not trainer.sanity_checking and not self.requeued:
+            self.save(trainer)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not self.requeued:
+            self.save(trainer)
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if self._previous_handler is not None:
+            signal.signal(self.requeue_signal, self._previous_handler)
+            self._previous_handler = None
+
+    def _requeue(self, trainer: Trainer) -> None:
+        path = self.save(trainer)
+        self.requeued = True
+        trainer.should_stop = True
+        if not trainer.is_global_zero:
+            return
+        job = slurm_job_id()
+        try:
+            result = subprocess.run(["scontrol", "requeue", str(job)], capture_output=True, text=True)
+            ok, detail = result.returncode == 0, (result.stderr or result.stdout).strip()
+        except FileNotFoundError:
+            ok, detail = False, "scontrol not found"
+        if ok:
+            rank_zero_info(f"Slurm requeue signal: checkpoint {path} written at step "
+                           f"{trainer.global_step}; job {job} requeued, it resumes from there")
+        else:
+            rank_zero_warn(f"Slurm requeue signal: checkpoint {path} written at step "
+                           f"{trainer.global_step}, but `scontrol requeue {job}` failed ({detail}); "
+                           "run the same command again to resume")

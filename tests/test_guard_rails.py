@@ -1,0 +1,89 @@
+"""Runs that go wrong say what went wrong, where, and what to do: a non-finite loss, running
+out of memory, a plugin raising in its own code, a config file with an unknown key, a
+checkpoint of another algorithm."""
+
+import pytest
+import torch
+from helpers import inside
+
+from dgkit.cli import main
+from dgkit.data import DomainDataModule
+from dgkit.data.mnist import RotatedMNIST
+from dgkit.errors import ConfigError
+from dgkit.module import DGModule, task_dict
+from dgkit_algorithms.erm import ERM
+from dgkit_algorithms.sam import SAM
+
+QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+SHORT = ["--model.backbone", "mlp", "--data.batch_size", "8", "--trainer.max_steps", "3",
+         "--trainer.limit_val_batches", "1", *QUIET]
+
+
+def _run(argv, capsys) -> tuple[int, str]:
+    try:
+        main(argv)
+        code = 0
+    except SystemExit as exc:
+        code = exc.code or 0
+    err = capsys.readouterr().err
+    return code, " ".join(err.split())
+
+
+def test_non_finite_loss_names_the_step_and_the_algorithm(capsys):
+    code, err = _run(["fit", "--algo", "erm", *SHORT, "--model.optimizer", "SGD",
+                      "--model.optimizer.lr", "1e30"], capsys)
+    assert code == 2
+    assert "ERM produced a non-finite loss" in err and "at step" in err
+    assert "Lower the learning rate" in err and "Traceback" not in err
+
+
+def test_out_of_memory_names_the_batch_size_and_the_fix(capsys, monkeypatch):
+    def exhausted(self, batch):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+    monkeypatch.setattr(ERM, "training_loss", exhausted)
+    code, err = _run(["fit", "--algo", "erm", *SHORT], capsys)
+    assert code == 2
+    assert ("out of memory on cpu with --data.batch_size 8 (8 per domain x 5 domain(s) = 40 images "
+            "per step per device)") in err
+    assert "Lower --data.batch_size" in err and "bf16-mixed" in err and "Traceback" not in err
+
+
+def test_a_plugin_raising_in_its_own_code_is_named(installed_plugins, capsys):
+    code, err = _run(["fit", "--algo", "smooth_erm", "--model.algorithm.smoothing", "1.5", *SHORT], capsys)
+    assert code == 1
+    assert "plugin 'example' (dgkit-example-plugin) raised ValueError in SmoothERM.__init__" in err
+    assert "smoothing must be in [0, 1), got 1.5" in err and "Traceback" not in err
+
+
+def test_config_file_with_an_unknown_key_names_it_and_the_closest(capsys, tmp_path):
+    config = tmp_path / "cfg.yaml"
+    config.write_text("trainer:\n  max_step: 5\n")
+    code, err = _run(["fit", "--config", str(config)], capsys)
+    assert code == 2
+    assert "does not accept option 'trainer.max_step'. Did you mean 'trainer.max_steps'?" in err
+    assert "usage:" not in err and "Traceback" not in err
+
+
+@pytest.fixture(scope="module")
+def erm_checkpoint(tmp_path_factory):
+    with inside(tmp_path_factory.mktemp("erm")) as folder:
+        main(["fit", "--algo", "erm", *SHORT])
+    return folder / "runs/version_0/checkpoints/last.ckpt"
+
+
+@pytest.mark.parametrize("command", ["test", "fit"])
+def test_checkpoint_of_another_algorithm_is_refused(command, erm_checkpoint, capsys):
+    code, err = _run([command, "--algo", "sam", "--ckpt_path", str(erm_checkpoint), *SHORT], capsys)
+    assert code == 2
+    assert f"ckpt_path: {erm_checkpoint} was written by erm, but --algo asks for sam" in err
+    assert "--model.init_from" in err and "Traceback" not in err
+
+
+def test_checkpoint_of_another_algorithm_is_refused_through_the_trainer_too(erm_checkpoint):
+    from lightning import Trainer
+
+    data = DomainDataModule(RotatedMNIST(), batch_size=8)
+    model = DGModule(algorithm=SAM, task=task_dict(data.task), backbone="mlp")
+    trainer = Trainer(max_steps=4, logger=False, enable_progress_bar=False, limit_val_batches=0)
+    with pytest.raises(ConfigError, match="was written by erm, but this run builds sam"):
+        trainer.fit(model, datamodule=data, ckpt_path=erm_checkpoint)

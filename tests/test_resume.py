@@ -1,0 +1,115 @@
+"""Killed runs resume to the same result: a SIGKILL mid-epoch, then the same command again;
+Slurm's requeue signal (simulated: SLURM_* variables, SIGUSR1, a recording `scontrol`)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from dgkit.checkpointing import AtomicCheckpointIO
+
+# Dropout and crafted-shift training draw random numbers every step; 12 batches an epoch.
+FIT = ["-m", "dgkit.cli", "fit", "--data", "rotated_mnist", "--model.backbone", "mlp",
+       "--model.dropout", "0.3", "--data.batch_size", "64", "--data.crafted_training", "[arithmetic]",
+       "--trainer.max_steps", "30", "--trainer.check_val_every_n_epoch", "null",
+       "--trainer.val_check_interval", "10", "--last_checkpoint.every_n_steps", "5",
+       "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+SLURM = {"SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "dgkit", "SLURM_NTASKS": "1",
+         "SLURM_NTASKS_PER_NODE": "1", "SLURM_NNODES": "1", "SLURM_PROCID": "0",
+         "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_NODELIST": "localhost"}
+
+
+def _start(folder: Path, env: dict | None = None) -> subprocess.Popen:
+    folder.mkdir(exist_ok=True)
+    return subprocess.Popen([sys.executable, *FIT], cwd=folder, env={**os.environ, **(env or {})},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _finish(proc: subprocess.Popen) -> str:
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    return err
+
+
+def _wait_for_checkpoint(folder: Path, step: int, proc: subprocess.Popen) -> int:
+    path = folder / "runs/version_0/checkpoints/last.ckpt"
+    while proc.poll() is None:
+        if path.exists():  # written atomically: never half a file
+            reached = torch.load(path, weights_only=True)["global_step"]
+            if reached >= step:
+                return reached
+        time.sleep(0.1)
+    raise AssertionError(f"the run ended before step {step}: {proc.stderr.read()[-2000:]}")
+
+
+def _outcome(folder: Path) -> tuple[dict, pd.DataFrame]:
+    results = json.loads((folder / "runs/version_0/test_results.json").read_text())
+    metrics = pd.read_csv(folder / "runs/version_0/metrics.csv").groupby("step").first()
+    return results["domains"], metrics
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("uninterrupted")
+    _finish(_start(folder))
+    return _outcome(folder)
+
+
+def test_a_run_killed_mid_epoch_resumes_to_the_same_metrics(uninterrupted, tmp_path):
+    proc = _start(tmp_path)
+    _wait_for_checkpoint(tmp_path, 15, proc)  # step 15 is in the second epoch
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "runs/version_0/test_results.json").exists()
+    err = _finish(_start(tmp_path))  # the same command again
+    assert "resuming the unfinished run runs/version_0" in " ".join(err.split())
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["version_0"]
+    domains, metrics = _outcome(tmp_path)
+    assert domains == uninterrupted[0]
+    pd.testing.assert_frame_equal(metrics, uninterrupted[1])  # rows before the kill kept too
+
+
+def test_slurm_requeue_signal_checkpoints_requeues_and_the_requeued_job_resumes(
+        uninterrupted, tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    scontrol = bin_dir / "scontrol"  # records what it was asked, as a cluster's would act on it
+    scontrol.write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path / 'scontrol.log'}\n")
+    scontrol.chmod(0o755)
+    env = {**SLURM, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    run = tmp_path / "run"
+    proc = _start(run, env)
+    _wait_for_checkpoint(run, 5, proc)
+    proc.send_signal(signal.SIGUSR1)
+    err = _finish(proc)  # stops by itself, cleanly
+    assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "4242"]
+    assert "job 4242 requeued" in " ".join(err.split())
+    step = torch.load(run / "runs/version_0/checkpoints/last.ckpt", weights_only=True)["global_step"]
+    assert 5 <= step < 30
+    assert not (run / "runs/version_0/test_results.json").exists()
+
+    _finish(_start(run, env))  # the requeued job: the same command
+    domains, metrics = _outcome(run)
+    assert domains == uninterrupted[0]
+    pd.testing.assert_frame_equal(metrics, uninterrupted[1])
+
+
+def test_checkpoints_are_replaced_atomically(tmp_path, monkeypatch):
+    path = tmp_path / "last.ckpt"
+    io = AtomicCheckpointIO()
+    io.save_checkpoint({"step": 1}, path)
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt  # killed while writing
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        io.save_checkpoint({"step": 2}, path)
+    assert torch.load(path, weights_only=True) == {"step": 1}  # the old file, whole
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no partial file left
