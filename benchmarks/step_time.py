@@ -2,14 +2,19 @@
 
 Run by hand:  python benchmarks/step_time.py [--backbone mnist_cnn] [--data rotated_mnist]
 Prints the median step time and its ratio to ERM next to the number of forward+backward
-passes each algorithm needs in theory. Steps are timed by a Lightning callback, so the
-figures include everything the module does per step (logging, optimizer, DDP hooks).
+passes each algorithm needs in theory, and the peak memory: CUDA's peak allocation on a
+GPU; on CPU the peak resident memory of a fresh process that trains only that algorithm
+(each algorithm runs in its own process, so one's peak never hides another's). Steps are
+timed by a Lightning callback, so the figures include everything the module does per step
+(logging, optimizer, DDP hooks).
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import multiprocessing
+import resource
 import statistics
 import time
 
@@ -25,8 +30,13 @@ PASSES = {
     "erm": "1", "sam": "2", "asam": "2", "adanpc": "1 (the base's: ERM)",
     "udim": "~5-7 (double backward, 2B inconsistency pass)",
     "itta": "~2.5-3.5 (two two-stream forwards, three backwards, one double)",
+    "drm": "~1 (one featurizer, a head per domain, a small domain discriminator)",
+    "divdis": "~1 + an unlabeled batch of the same size (forward+backward)",
+    "dbat": "~1 + an unlabeled batch (the model in training, plus a forward of the earlier ones)",
+    "bonsai": "1 (one network trains at a time, in every stage)",
 }
 HPARAMS = {"udim": {"warmup_steps": 0}}  # time UDIM's own steps, not its SAM warm-up
+UNLABELED = {"divdis": "source_holdout", "dbat": "source_holdout"}  # what they learn from
 
 
 class StepTimer(Callback):
@@ -48,7 +58,8 @@ class StepTimer(Callback):
 def step_time(algo: str, args: argparse.Namespace) -> tuple[float, float]:
     seed_everything(0)
     dataset = registry("dataset").get(args.data).obj()
-    data = DomainDataModule(dataset, batch_size=args.batch_size, num_workers=args.num_workers)
+    data = DomainDataModule(dataset, batch_size=args.batch_size, num_workers=args.num_workers,
+                            unlabeled=UNLABELED.get(algo, "none"))
     cls = registry("algorithm").get(algo).obj
     model = DGModule(algorithm=functools.partial(cls, **HPARAMS.get(algo, {})),
                      task=task_dict(data.task), backbone=args.backbone)
@@ -58,14 +69,22 @@ def step_time(algo: str, args: argparse.Namespace) -> tuple[float, float]:
                       enable_model_summary=False, callbacks=[timer], precision=args.precision,
                       accelerator=args.accelerator, devices=1)
     trainer.fit(model, datamodule=data)
-    peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
+    if torch.cuda.is_available():
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    else:  # this process trained nothing else (see main)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return statistics.median(timer.times), peak
+
+
+def in_own_process(algo: str, args: argparse.Namespace) -> tuple[float, float]:
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(step_time, (algo, args))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--algos", default="erm,sam,udim,itta,adanpc")
+    parser.add_argument("--algos", default="erm,sam,asam,udim,itta,adanpc,drm,divdis,dbat,bonsai")
     parser.add_argument("--data", default="rotated_mnist")
     parser.add_argument("--backbone", default="mnist_cnn")
     parser.add_argument("--batch-size", type=int, default=32, help="per source domain")
@@ -77,15 +96,16 @@ def main() -> None:
     args = parser.parse_args()
 
     algos = args.algos.split(",")
-    results = {a: step_time(a, args) for a in algos}
+    results = {a: in_own_process(a, args) for a in algos}
     base = results.get("erm", next(iter(results.values())))[0]
     device = (torch.cuda.get_device_name() if torch.cuda.is_available()
               else f"CPU, {torch.get_num_threads()} threads")
     print(f"\n{args.data}, {args.backbone}, {args.batch_size} per domain, {args.precision}, {device}")
-    print(f"{'algorithm':<10} {'step (ms)':>10} {'/ ERM':>7} {'peak MiB':>9}  passes (F+B)")
+    memory = "peak MiB" if torch.cuda.is_available() else "peak RSS MiB"
+    print(f"{'algorithm':<10} {'step (ms)':>10} {'/ ERM':>7} {memory:>13}  passes (F+B)")
     for algo, (seconds, peak) in results.items():
-        memory = f"{peak:9.0f}" if peak is not None else f"{'n/a':>9}"
-        print(f"{algo:<10} {1000 * seconds:>10.1f} {seconds / base:>7.2f} {memory}  {PASSES.get(algo, '?')}")
+        passes = PASSES.get(algo, "?")
+        print(f"{algo:<10} {1000 * seconds:>10.1f} {seconds / base:>7.2f} {peak:13.0f}  {passes}")
 
 
 if __name__ == "__main__":

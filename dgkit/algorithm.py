@@ -129,6 +129,9 @@ class Algorithm(nn.Module):
     #: a network updated by its own pass): under DDP the module turns on
     #: ``find_unused_parameters`` so gradients still all-reduce.
     unused_parameters: ClassVar[bool] = False
+    #: backpropagates through a gradient of the featurizer (double backward), which
+    #: ``torch.compile`` cannot: ``--model.compile`` is refused.
+    differentiates_twice: ClassVar[bool] = False
     #: hypotheses the algorithm keeps; above 1, ``head_logits`` gives each one's logits and
     #: the module logs per-head metrics.
     num_heads: int = 1

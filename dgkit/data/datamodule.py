@@ -12,6 +12,7 @@ loader per source domain (in ``Task.source_domains`` order) followed, when
 
 from __future__ import annotations
 
+import os
 from typing import Any, Literal
 
 import torch
@@ -83,8 +84,8 @@ class DomainDataModule(LightningDataModule):
         holdout_fraction: float = 0.2,
         split_seed: int = 0,
         oracle: bool = True,
-        num_workers: int = 0,
-        pin_memory: bool = False,
+        num_workers: int | None = None,
+        pin_memory: bool | None = None,
         shuffle: bool = True,
         unlabeled: Literal["none", "target", "source_holdout", "crafted", "domains"] = "none",
         unlabeled_domains: list[str | int] | None = None,
@@ -106,8 +107,13 @@ class DomainDataModule(LightningDataModule):
             split_seed: seed of the in/out splits; fixed so runs compare on the same data.
             oracle: also evaluate the held-out *out* split of target domains every
                 validation (logged as ``oracle/*``, for test-domain oracle selection).
-            num_workers: DataLoader worker processes per loader.
-            pin_memory: pin host memory (useful on GPU).
+            num_workers: DataLoader worker processes per loader. Default: none for data
+                sets held in memory as tensors (the embedded MNIST domains, where workers
+                only add copying); otherwise one per CPU core this device's process can
+                spare, up to 8 (image files: decoding and augmentation run there).
+                Training loaders keep their workers between epochs.
+            pin_memory: pin host memory for faster copies to the GPU. Default: when
+                training on a GPU.
             shuffle: reshuffle training data every epoch (off: a fixed order, which makes
                 multi-device and single-device runs see the same global batches).
             unlabeled: images without labels that every training step also receives
@@ -147,7 +153,7 @@ class DomainDataModule(LightningDataModule):
         if not 0.0 < holdout_fraction < 1.0:
             raise ConfigError("data.holdout_fraction", f"{holdout_fraction} is not a fraction",
                               "0 < f < 1")
-        if num_workers < 0:
+        if num_workers is not None and num_workers < 0:
             raise ConfigError("data.num_workers", f"{num_workers} workers", ">= 0")
         self.official = hasattr(ds, "official_splits")
         if self.official:
@@ -279,10 +285,28 @@ class DomainDataModule(LightningDataModule):
             data = Seeded(data)
         # Its own generator: making an iterator draws a worker seed, which would otherwise
         # come from the global RNG and shift dropout and the like by when evaluations ran.
+        workers = self.workers
         return DataLoader(data, batch_size=batch_size, sampler=sampler, drop_last=train,
-                          num_workers=self.num_workers, pin_memory=self.pin_memory,
-                          persistent_workers=self.num_workers > 0,
+                          num_workers=workers, pin_memory=self.pins_memory,
+                          persistent_workers=train and workers > 0,
                           generator=torch.Generator().manual_seed(key))
+
+    @property
+    def workers(self) -> int:
+        """DataLoader workers per loader (``num_workers``, or the machine's default)."""
+        if self.num_workers is not None:
+            return self.num_workers
+        if self.dataset.transform(True) is None:  # tensors in memory: nothing to decode
+            return 0
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        devices = self.trainer.num_devices if self.trainer is not None else 1
+        return max(0, min(8, cores // devices - 1))
+
+    @property
+    def pins_memory(self) -> bool:
+        if self.pin_memory is not None:
+            return self.pin_memory
+        return self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
 
     # --- resuming: where in the epoch the training loaders stood ------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -377,7 +401,7 @@ class DomainDataModule(LightningDataModule):
         if include_holdout:
             parts += self._stream_data("val")
         return DataLoader(self._view(ConcatDataset(parts), False), batch_size=self.eval_batch_size,
-                          shuffle=False, num_workers=self.num_workers, pin_memory=self.pin_memory,
+                          shuffle=False, num_workers=self.workers, pin_memory=self.pins_memory,
                           generator=torch.Generator())
 
     def predict_dataloader(self) -> list[DataLoader]:

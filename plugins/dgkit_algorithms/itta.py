@@ -56,6 +56,7 @@ class ITTA(TestOptimizerState, Algorithm):
     """Learned consistency loss in training; test-time updates of per-stage maps only."""
 
     manual_optimization = True
+    differentiates_twice = True  # no torch.compile
     adapts_at_test = True
     needs_grad_at_test = True
 

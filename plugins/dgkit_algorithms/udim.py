@@ -51,6 +51,8 @@ class UDIM(SAM):
     """SAM warm-up, then UDIM steps: SAM's gradient on the clean batch plus ``lam`` times
     the gradient of the source/perturbed-domain inconsistency, merged into one update."""
 
+    differentiates_twice = True  # the input perturbation needs a gradient of a gradient
+
     def __init__(self, task: Task, backbone: Backbone, rho: float = 0.05, rho_s: float | None = None,
                  rho_x: float = 10.0, lam: float = 1.0, warmup_fraction: float = 0.2,
                  warmup_steps: int | None = None, perturb_norm: Literal["batch", "sample"] = "batch",
