@@ -21,6 +21,7 @@ import contextlib
 import csv
 import os
 import signal
+import socket
 import subprocess
 import tempfile
 from pathlib import Path
@@ -35,6 +36,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from dgkit.errors import ConfigError
 
 RESUME_FILE = "last.ckpt"
+LOCK_FILE = ".running"  # "host pid" of the process training in a run folder
 METRICS_FILE = "metrics.csv"
 
 
@@ -69,6 +71,24 @@ def _count_rows(trainer: Trainer) -> int | None:
         return sum(1 for _ in csv.DictReader(fh))
 
 
+def held_by_live_process(folder: Path) -> bool:
+    """Whether a process on this machine is still training in ``folder``. A lock from
+    another host counts as stale: a requeued Slurm job may restart anywhere."""
+    try:
+        host, pid = (folder / LOCK_FILE).read_text().split()
+    except (OSError, ValueError):
+        return False
+    if host != socket.gethostname():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def slurm_job_id() -> str | None:
     """The id ``scontrol requeue`` takes (an array task's own id), or None outside Slurm."""
     array = os.environ.get("SLURM_ARRAY_JOB_ID")
@@ -95,6 +115,7 @@ class ResumeCheckpoint(Callback):
         self.requeued = False
         self._signalled = False
         self._metrics_rows: int | None = None
+        self._lock: Path | None = None
         self._previous_handler: Any = None
 
     # --- where -------------------------------------------------------------------------
@@ -120,6 +141,10 @@ class ResumeCheckpoint(Callback):
 
     # --- when --------------------------------------------------------------------------
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.is_global_zero:  # a second identical command must not resume a live run
+            self._lock = self.folder(trainer).parent / LOCK_FILE
+            self._lock.parent.mkdir(parents=True, exist_ok=True)
+            self._lock.write_text(f"{socket.gethostname()} {os.getpid()}")
         if slurm_job_id() is not None:
             self._previous_handler = signal.signal(self.requeue_signal, self._on_signal)
 
@@ -150,6 +175,9 @@ class ResumeCheckpoint(Callback):
             self.save(trainer)
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if self._lock is not None:
+            self._lock.unlink(missing_ok=True)
+            self._lock = None
         if self._previous_handler is not None:
             signal.signal(self.requeue_signal, self._previous_handler)
             self._previous_handler = None

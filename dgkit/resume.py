@@ -1,5 +1,6 @@
 """``dgkit fit`` run twice with the same configuration continues the first run: the newest
-unfinished run folder (no ``test_results.json``) whose saved ``config.yaml`` matches is
+unfinished run folder (no ``test_results.json``, no live process of this machine still
+training in it) whose saved ``config.yaml`` matches is
 resumed from its ``last.ckpt``, in the same folder, with its metrics kept up to the
 checkpoint. This is what makes a killed or Slurm-requeued job resume by running the same
 command again.
@@ -16,7 +17,7 @@ import numpy as np
 import torch
 import yaml
 
-from dgkit.checkpointing import METRICS_FILE, RESUME_FILE, ResumeCheckpoint
+from dgkit.checkpointing import METRICS_FILE, RESUME_FILE, ResumeCheckpoint, held_by_live_process
 from dgkit.results import RESULTS_FILE
 
 CONFIG_FILE = "config.yaml"
@@ -45,7 +46,7 @@ def find_unfinished(root: Path, config: dict[str, Any]) -> tuple[int, Path] | No
                       if p.name.split("_")[1].isdigit())
     for version, folder in reversed(versions):
         checkpoint = folder / "checkpoints" / RESUME_FILE
-        if (folder / RESULTS_FILE).exists() or not checkpoint.is_file():
+        if (folder / RESULTS_FILE).exists() or not checkpoint.is_file() or held_by_live_process(folder):
             continue
         try:
             saved = yaml.safe_load((folder / CONFIG_FILE).read_text())

@@ -113,3 +113,31 @@ def test_checkpoints_are_replaced_atomically(tmp_path, monkeypatch):
         io.save_checkpoint({"step": 2}, path)
     assert torch.load(path, weights_only=True) == {"step": 1}  # the old file, whole
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no partial file left
+
+
+def test_an_unfinished_run_is_resumed_only_when_no_live_process_holds_it(tmp_path):
+    import socket
+
+    import yaml
+
+    from dgkit.resume import find_unfinished
+
+    config = {"trainer": {"max_steps": 30, "logger": [{"class_path": "CSVLogger",
+                                                       "init_args": {"save_dir": "runs", "version": 3}}]},
+              "ckpt_path": None}
+    run = tmp_path / "version_3"
+    (run / "checkpoints").mkdir(parents=True)
+    torch.save({"global_step": 5}, run / "checkpoints" / "last.ckpt")
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    again = {**config, "trainer": {**config["trainer"], "logger": [
+        {"class_path": "CSVLogger", "init_args": {"save_dir": "runs", "version": None}}]}}
+    assert find_unfinished(tmp_path, again) == (3, run / "checkpoints" / "last.ckpt")
+    assert find_unfinished(tmp_path, {**again, "trainer": {"max_steps": 31}}) is None  # another config
+    (run / ".running").write_text(f"{socket.gethostname()} {os.getpid()}")  # this test is alive
+    assert find_unfinished(tmp_path, again) is None
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()
+    (run / ".running").write_text(f"{socket.gethostname()} {dead}")  # killed: the lock is stale
+    assert find_unfinished(tmp_path, again) == (3, run / "checkpoints" / "last.ckpt")
+    (run / ".running").write_text(f"another-host {os.getpid()}")  # requeued elsewhere: stale
+    assert find_unfinished(tmp_path, again) == (3, run / "checkpoints" / "last.ckpt")
