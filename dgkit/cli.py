@@ -36,7 +36,7 @@ from rich.text import Text
 from dgkit.checkpointing import AtomicCheckpointIO, ResumeCheckpoint
 from dgkit.data import DomainDataModule
 from dgkit.errors import ConfigError, DGKitError, UnknownAliasError
-from dgkit.module import DGModule, task_dict
+from dgkit.module import DGModule, algorithm_mismatch, task_dict
 from dgkit.plugins import plugin_of, plugins, registry
 from dgkit.results import collect_results, print_results, write_results
 from dgkit.resume import find_unfinished, metrics_logged_before
@@ -104,16 +104,10 @@ class DGCLI(LightningCLI):
         explicit = chosen is not None and any(a.startswith("--model.algorithm") for a in self._argv)
         super()._parse_ckpt_path()
         if explicit:
-            written = self.config[self.config.subcommand].model.algorithm
-            if _resolve(written.class_path) is not _resolve(chosen.class_path):
-                ckpt = self.config[self.config.subcommand].ckpt_path
-                names = {e.obj: e.alias for e in registry("algorithm")}
-                theirs = names.get(_resolve(written.class_path), written.class_path)
-                mine = names.get(_resolve(chosen.class_path), chosen.class_path)
-                raise ConfigError("ckpt_path", f"{ckpt} was written by {theirs}, but --algo asks for {mine}",
-                                  f"a checkpoint of {mine}; or leave --algo out to use this one as "
-                                  f"{theirs}; or --model.init_from {ckpt} to start {mine} from its "
-                                  "representation")
+            written = _qualified_path(self.config[sub].model.algorithm.class_path)
+            wanted = _qualified_path(chosen.class_path)
+            if written != wanted:
+                raise algorithm_mismatch(self.config[sub].ckpt_path, written, wanted, "--algo asks for")
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.task", "model.task", compute_fn=task_dict,
@@ -168,7 +162,9 @@ class DGCLI(LightningCLI):
             if "init_args" in logger and "version" in logger.init_args:
                 logger.init_args.version = version
         config.ckpt_path = str(checkpoint)
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        # Memory-mapped: only the step and the callbacks' state are read here; Lightning
+        # reads the rest when it restores.
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
         step = state["global_step"]
         self._kept_metrics = metrics_logged_before(state, checkpoint.parent.parent)
         Console(stderr=True).print(f"resuming the unfinished run {checkpoint.parent.parent} from step "
@@ -264,12 +260,15 @@ class DGCLI(LightningCLI):
             Console(stderr=True).print(f"results written to {path}")
 
 
-def _resolve(class_path: str) -> object:
+def _qualified_path(class_path: str) -> str:
+    """The defining module and name of a class path (jsonargparse shortens them, e.g.
+    ``dgkit_algorithms.ERM`` for ``dgkit_algorithms.erm.ERM``)."""
     module, _, name = class_path.rpartition(".")
     try:
-        return getattr(importlib.import_module(module), name)
+        cls = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError):
         return class_path
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def out_of_memory_message(exc: BaseException, datamodule: object, trainer: Trainer) -> str:

@@ -275,16 +275,9 @@ class DGModule(LightningModule):
     def _check_same_algorithm(self, checkpoint: dict[str, Any]) -> None:
         written_by = checkpoint.get("dgkit_algorithm")
         mine = _qualified(type(self.algorithm))
-        if written_by is None or written_by == mine:
-            return
-        aliases = {_qualified(e.obj): e.alias for e in registry("algorithm")}
-        theirs = aliases.get(written_by, written_by)
-        path = getattr(self._trainer, "ckpt_path", None) or "the checkpoint"
-        raise ConfigError("ckpt_path", f"{path} was written by {theirs}, but this run builds "
-                          f"{aliases.get(mine, mine)}",
-                          f"a checkpoint of {aliases.get(mine, mine)}; or --algo {theirs} to use this one "
-                          "(`dgkit test --ckpt_path FILE` alone rebuilds its algorithm); or --model.init_from"
-                          " FILE to start this algorithm from its representation")
+        if written_by is not None and written_by != mine:
+            path = getattr(self._trainer, "ckpt_path", None) or "the checkpoint"
+            raise algorithm_mismatch(path, written_by, mine, "this run builds")
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
         b = as_batch(batch)
@@ -536,6 +529,16 @@ def _to_channels_last(module: nn.Module, args: tuple) -> tuple:
 
 def _qualified(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def algorithm_mismatch(path: str, written_by: str, wanted: str, asked: str) -> ConfigError:
+    """The error for a checkpoint of another algorithm (qualified class names, shown by
+    alias); ``asked`` says who wants ``wanted``: "this run builds", "--algo asks for"."""
+    aliases = {_qualified(e.obj): e.alias for e in registry("algorithm")}
+    theirs, mine = aliases.get(written_by, written_by), aliases.get(wanted, wanted)
+    return ConfigError("ckpt_path", f"{path} was written by {theirs}, but {asked} {mine}",
+                       f"a checkpoint of {mine}; or no --algo (or --algo {theirs}) to use this one as "
+                       f"{theirs}; or --model.init_from {path} to start {mine} from its representation")
 
 
 def task_dict(task: Task) -> dict:
