@@ -9,6 +9,9 @@ during training, and Slurm's pre-emption warning turned into a checkpoint and a 
 - :class:`ResumeCheckpoint` keeps ``last.ckpt`` at most ``every_n_steps`` behind, after
   every validation and at the end; the file holds everything an exact resume needs
   (weights, optimizers, schedulers, loops, the data position and the RNG states).
+- SIGTERM and SIGINT (Ctrl-C) are acted on the same way: at the next batch boundary
+  the checkpoint is written and the run stops with :class:`~dgkit.errors.RunStopped`
+  (exit code 143 or 130); the same command resumes it.
 - Under Slurm, the requeue signal (``SIGUSR1``, ``#SBATCH --signal=SIGUSR1@90``) is
   acted on at the next batch boundary, on every rank at the same step: the checkpoint is
   written, the job requeued with ``scontrol requeue`` and training stopped; the requeued
@@ -20,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import os
+import pickle
 import signal
 import socket
 import subprocess
@@ -33,14 +37,49 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from dgkit.errors import ConfigError
+from dgkit.errors import ConfigError, DGKitError, RunStopped
 
 RESUME_FILE = "last.ckpt"
 LOCK_FILE = ".running"  # "host pid" of the process training in a run folder
 METRICS_FILE = "metrics.csv"
 
 
+def read_checkpoint(path: str | os.PathLike, **kwargs: Any) -> dict[str, Any]:
+    """A checkpoint's contents, loaded safely (``weights_only``: tensors and plain data,
+    never arbitrary objects); a file that is no readable checkpoint is named and refused."""
+    path = Path(path)
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, **kwargs)
+    except FileNotFoundError:
+        raise DGKitError(f"no checkpoint file at {str(path)!r}") from None
+    except pickle.UnpicklingError as exc:
+        detail = " ".join(str(exc).split("Check the documentation")[0].split())
+        if "Unsupported global" in detail or "GLOBAL" in detail:
+            raise DGKitError(f"{path} holds Python objects beyond tensors and plain data, which a "
+                             "dgkit checkpoint never does; it is not loaded (loading such a file runs "
+                             "code from it). Use a checkpoint written by `dgkit fit`.") from None
+        raise _damaged(path, detail) from None
+    except (RuntimeError, EOFError, ValueError, OSError) as exc:
+        raise _damaged(path, " ".join(str(exc).split())[:200]) from None
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise DGKitError(f"{path} is not a Lightning checkpoint (no state_dict); use a .ckpt "
+                         "written by `dgkit fit`")
+    return checkpoint
+
+
+def _damaged(path: Path, detail: str) -> DGKitError:
+    others = sorted(p.name for p in path.parent.glob("*.ckpt") if p != path) if path.parent.is_dir() else []
+    listing = f" Other checkpoints in {path.parent}: {', '.join(others)}." if others else ""
+    return DGKitError(f"{path} is not a readable checkpoint (truncated or damaged: {detail}).{listing}")
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
+    def load_checkpoint(self, path: Any, map_location: Any = None,
+                        weights_only: bool | None = None) -> dict[str, Any]:
+        if weights_only is False:  # asked for explicitly by the caller
+            return super().load_checkpoint(path, map_location=map_location, weights_only=False)
+        return read_checkpoint(path)
+
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any,
                         storage_options: Any | None = None) -> None:
         if storage_options is not None:
@@ -101,6 +140,7 @@ class ResumeCheckpoint(Callback):
     """Keep ``last.ckpt`` in the run's checkpoint folder fresh; act on Slurm's requeue signal."""
 
     requeue_signal = signal.SIGUSR1  # what `#SBATCH --signal=SIGUSR1@90` sends
+    stop_signals = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self, every_n_steps: int = 50):
         """
@@ -114,9 +154,10 @@ class ResumeCheckpoint(Callback):
         self.every_n_steps = every_n_steps
         self.requeued = False
         self._signalled = False
+        self._stop_signal = 0  # the SIGTERM/SIGINT received, 0 for none
         self._metrics_rows: int | None = None
         self._lock: Path | None = None
-        self._previous_handler: Any = None
+        self._previous_handlers: dict[int, Any] = {}
 
     # --- where -------------------------------------------------------------------------
     @staticmethod
@@ -133,7 +174,7 @@ class ResumeCheckpoint(Callback):
             logger.save()
         self._metrics_rows = _count_rows(trainer) if trainer.is_global_zero else None
         path = self.folder(trainer) / RESUME_FILE
-        trainer.save_checkpoint(path)  # every rank takes part; rank 0 writes, atomically
+        trainer.save_checkpoint(path, weights_only=False)  # every rank takes part; rank 0 writes
         return path
 
     def state_dict(self) -> dict[str, Any]:
@@ -145,21 +186,36 @@ class ResumeCheckpoint(Callback):
             self._lock = self.folder(trainer).parent / LOCK_FILE
             self._lock.parent.mkdir(parents=True, exist_ok=True)
             self._lock.write_text(f"{socket.gethostname()} {os.getpid()}")
-        if slurm_job_id() is not None:
-            self._previous_handler = signal.signal(self.requeue_signal, self._on_signal)
+        # Replaces Lightning's SIGTERM handler (which stops without a checkpoint and exits 0)
+        # for the time of training; teardown puts the previous handlers back.
+        wanted = [*self.stop_signals, *([self.requeue_signal] if slurm_job_id() is not None else [])]
+        for signum in wanted:
+            self._previous_handlers[signum] = signal.signal(signum, self._on_signal)
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         # Only a flag: the weights may be half-way through an update right now.
-        self._signalled = True
+        if signum == self.requeue_signal:
+            self._signalled = True
+        elif self._stop_signal == signum and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # Ctrl-C twice: do not wait for the batch to end
+        else:
+            self._stop_signal = signum
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any,
                            batch: Any, batch_idx: int) -> None:
         if self.requeued:
             return
-        if self._previous_handler is not None and trainer.strategy.reduce_boolean_decision(
-                self._signalled, all=False):
-            self._requeue(trainer)
-            return
+        if self._previous_handlers:
+            # Every rank acts at the same step, whichever of them got the signal (one
+            # collective for both flags).
+            flags = torch.tensor([float(self._stop_signal), float(self._signalled)],
+                                 device=trainer.strategy.root_device)
+            stop, requeue = (int(v) for v in trainer.strategy.reduce(flags, reduce_op="max").tolist())
+            if stop:
+                self._stop(trainer, stop)
+            if requeue:
+                self._requeue(trainer)
+                return
         step = trainer.global_step
         if self.every_n_steps and step > 0 and step % self.every_n_steps == 0:
             self.save(trainer)
@@ -178,9 +234,16 @@ class ResumeCheckpoint(Callback):
         if self._lock is not None:
             self._lock.unlink(missing_ok=True)
             self._lock = None
-        if self._previous_handler is not None:
-            signal.signal(self.requeue_signal, self._previous_handler)
-            self._previous_handler = None
+        for signum, handler in self._previous_handlers.items():
+            signal.signal(signum, handler)
+        self._previous_handlers = {}
+
+    def _stop(self, trainer: Trainer, signum: int) -> None:
+        path = self.save(trainer)
+        name = signal.Signals(signum).name
+        raise RunStopped(signum, f"{name} received: stopped at step {trainer.global_step} after "
+                         f"writing {path}; run the same command again to resume from there "
+                         "(--resume false starts anew)")
 
     def _requeue(self, trainer: Trainer) -> None:
         path = self.save(trainer)

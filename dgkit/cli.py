@@ -9,10 +9,9 @@ LightningCLI. ``dgkit list`` shows what the installed plugins register.
 from __future__ import annotations
 
 import argparse
-import difflib
 import importlib
-import inspect
 import json
+import logging
 import os
 import re
 import sys
@@ -30,16 +29,19 @@ from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, RichProgre
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from rich.console import Console
 from rich.text import Text
 
-from dgkit.checkpointing import AtomicCheckpointIO, ResumeCheckpoint
+from dgkit.checkpointing import AtomicCheckpointIO, ResumeCheckpoint, read_checkpoint
 from dgkit.data import DomainDataModule
-from dgkit.errors import ConfigError, DGKitError, UnknownAliasError
+from dgkit.divergence import DivergenceCheck
+from dgkit.errors import ConfigError, DGKitError, RunStopped, UnknownAliasError
+from dgkit.explain import algorithm_help, parse_message, user_error
 from dgkit.module import DGModule, algorithm_mismatch, task_dict
 from dgkit.plugins import plugin_of, plugins, registry
 from dgkit.results import collect_results, print_results, write_results
-from dgkit.resume import find_unfinished, metrics_logged_before
+from dgkit.resume import CONFIG_FILE, find_unfinished, metrics_logged_before
 
 DEFAULT_ALGORITHM = "erm"
 DEFAULT_DATASET = "rotated_mnist"
@@ -72,13 +74,32 @@ except ImportError:
     pass
 
 
+# Lines dependencies print on every run that carry no news for a dgkit user.
+NOISE_WARNINGS = (
+    r"`isinstance\(treespec, LeafSpec\)`",  # torch's pytree deprecation, inside Lightning
+    r"The `srun` command is available on your system but is not used",  # a login node
+    r"LightningCLI's args parameter",  # main() always hands over the rewritten argv
+    r"You're resuming from a checkpoint that ended before",  # samplers are positioned by dgkit
+)
+NOISE_LOGS = ("💡 Tip:",)  # Lightning's advertisement for its cloud logger
+
+
+class _DropNoise(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(NOISE_LOGS)
+
+
+def quiet_dependencies() -> None:
+    for pattern in NOISE_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).addFilter(_DropNoise())
+
+
 class DGCLI(LightningCLI):
     def __init__(self, args: Sequence[str] | None = None, run: bool = True):
-        # main() always hands over the rewritten argv; Lightning would warn that it differs.
-        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+        quiet_dependencies()
         self._argv = list(args or [])
-        # DomainDataModule positions its samplers itself on resume (dgkit.data.resumable).
-        warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before")
         super().__init__(
             DGModule,
             DomainDataModule,
@@ -90,8 +111,9 @@ class DGCLI(LightningCLI):
             # Parse errors raise (main() prints them as one line) instead of a usage dump.
             parser_kwargs={"description": "dgkit: domain generalization. Pick an algorithm "
                            "and data set with --algo ALIAS and --data ALIAS (see `dgkit list`).",
-                           "exit_on_error": False,
-                           **{cmd: {"exit_on_error": False} for cmd in self.subcommands()}},
+                           "exit_on_error": False, "allow_abbrev": False,
+                           **{cmd: {"exit_on_error": False, "allow_abbrev": False}
+                              for cmd in self.subcommands()}},
             args=list(args) if args is not None else None,
             run=run,
         )
@@ -121,6 +143,8 @@ class DGCLI(LightningCLI):
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         # last.ckpt, kept fresh for resuming (and Slurm's requeue signal), is its own callback.
         parser.add_lightning_class_args(ResumeCheckpoint, "last_checkpoint")
+        # A loss that explodes but stays finite stops the run (--divergence.factor 0: off).
+        parser.add_lightning_class_args(DivergenceCheck, "divergence")
         parser.add_argument("--resume", type=bool, default=True,
                             help="fit: continue the newest unfinished run of this same "
                             "configuration from its last.ckpt, in its folder (false: start anew)")
@@ -138,8 +162,40 @@ class DGCLI(LightningCLI):
             raise ConfigError("ckpt_path", f"no checkpoint file at {ckpt!r}",
                               "a .ckpt written by `dgkit fit`, e.g. runs/version_0/checkpoints/last.ckpt")
         self._kept_metrics: list[dict[str, int | float]] = []
-        if self.subcommand == "fit" and ckpt is None and self.config.fit.get("resume"):
+        config = self.config[self.subcommand]
+        self._loggers_follow_root_dir(config)
+        if self.subcommand == "fit" and ckpt is None and config.get("resume"):
             self._resume_unfinished()
+        if self.subcommand in ("validate", "test", "predict") and ckpt:
+            self._log_beside_run(config, Path(ckpt))
+
+    @staticmethod
+    def _file_loggers(config) -> list:
+        loggers = config.trainer.logger
+        if not isinstance(loggers, list):
+            return []
+        return [lg for lg in loggers if "init_args" in lg and "save_dir" in lg.init_args]
+
+    def _loggers_follow_root_dir(self, config) -> None:
+        """``--trainer.default_root_dir D`` puts the run in ``D/version_N`` (Lightning's
+        habit): the default loggers write where the trainer's root says."""
+        root = config.trainer.get("default_root_dir")
+        if not root or root == TRAINER_DEFAULTS["default_root_dir"]:
+            return
+        for logger in self._file_loggers(config):
+            if logger.init_args.save_dir == TRAINER_DEFAULTS["default_root_dir"]:
+                logger.init_args.save_dir = str(root)
+
+    def _log_beside_run(self, config, ckpt: Path) -> None:
+        """``dgkit test --ckpt_path D/version_N/checkpoints/X.ckpt`` writes its files to
+        ``D/version_N/test-X/``, beside the run it evaluates, not to a new run."""
+        run = ckpt.resolve().parent.parent
+        if ckpt.resolve().parent.name != "checkpoints" or not (run / CONFIG_FILE).is_file():
+            return  # not a dgkit run folder: Lightning's default versioning
+        for logger in self._file_loggers(config):
+            logger.init_args.save_dir = str(run.parent)
+            logger.init_args.name = ""
+            logger.init_args.version = f"{run.name}/{self.subcommand}-{ckpt.stem}"
 
     def _resume_unfinished(self) -> None:
         """Same configuration as an unfinished run: continue it (see dgkit.resume)."""
@@ -164,7 +220,12 @@ class DGCLI(LightningCLI):
         config.ckpt_path = str(checkpoint)
         # Memory-mapped: only the step and the callbacks' state are read here; Lightning
         # reads the rest when it restores.
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
+        try:
+            state = read_checkpoint(checkpoint, mmap=True)
+        except DGKitError as exc:
+            raise DGKitError(f"the unfinished run {checkpoint.parent.parent} cannot be resumed: {exc} "
+                             f"Resume from another with --ckpt_path {checkpoint.parent}/<file>, or "
+                             "start a new run with --resume false.") from None
         step = state["global_step"]
         self._kept_metrics = metrics_logged_before(state, checkpoint.parent.parent)
         Console(stderr=True).print(f"resuming the unfinished run {checkpoint.parent.parent} from step "
@@ -236,14 +297,16 @@ class DGCLI(LightningCLI):
 
     def after_predict(self) -> None:
         predictions = self.trainer.predict_loop.predictions
-        if not self.trainer.is_global_zero or not predictions or not self.trainer.log_dir:
+        log_dir = self.trainer.log_dir  # a collective under DDP: every rank asks
+        if not self.trainer.is_global_zero or not predictions or not log_dir:
             return
-        path = Path(self.trainer.log_dir) / "predictions.pt"
+        path = Path(log_dir) / "predictions.pt"
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(predictions, path)
         Console(stderr=True).print(f"predictions written to {path}")
 
     def _report(self, ckpt_path: str | None, **extra) -> None:
+        log_dir = self.trainer.log_dir  # a collective under DDP: every rank asks
         if not self.trainer.is_global_zero:
             return
         results = collect_results(self.trainer.callback_metrics, self.model.task,
@@ -255,8 +318,8 @@ class DGCLI(LightningCLI):
                                   transductive=getattr(self.datamodule, "transductive", False),
                                   **extra)
         print_results(results)
-        if self.trainer.log_dir:
-            path = write_results(results, Path(self.trainer.log_dir))
+        if log_dir:
+            path = write_results(results, Path(log_dir))
             Console(stderr=True).print(f"results written to {path}")
 
 
@@ -322,8 +385,7 @@ def data_from_checkpoint(argv: list[str]) -> list[str]:
             ckpt = argv[i + 1]
     if not ckpt or not Path(ckpt).is_file():
         return argv
-    hparams = torch.load(ckpt, map_location="cpu", weights_only=True).get(
-        "datamodule_hyper_parameters") or {}
+    hparams = read_checkpoint(ckpt, mmap=True).get("datamodule_hyper_parameters") or {}
     data = {k: v for k, v in hparams.items() if not k.startswith("_")}
     if "dataset" not in data:
         return argv
@@ -334,11 +396,11 @@ def _is_alias(flag: str, value: str) -> bool:
     """``--data`` also takes LightningCLI config (a path or a dict); only bare words are aliases."""
     if flag == "--algo":
         return True
+    kind = ALIAS_FLAGS[flag][0]
+    if value in registry(kind):  # even beside a folder of that name (./fmow is the path)
+        return True
     if not _ALIAS_LIKE.match(value) or Path(value).exists():
         return False
-    kind = ALIAS_FLAGS[flag][0]
-    if value in registry(kind):
-        return True
     # A bare word that is no alias: --data.dataset also accepts class names (RotatedMNIST).
     if value[:1].isupper():
         return False
@@ -373,20 +435,46 @@ def main(argv: Sequence[str] | None = None) -> None:
         if argv[:1] and argv[0] in TOOLS:  # imported on use: `dgkit fit` never loads them
             importlib.import_module(TOOLS[argv[0]]).main(argv[1:])
             return
-        DGCLI(data_from_checkpoint(rewrite_aliases(argv)))
-    except (DGKitError, MisconfigurationException) as exc:
-        _fail(_user_message(exc))
+        try:
+            DGCLI(data_from_checkpoint(rewrite_aliases(argv)))
+        finally:
+            _algorithm_help(argv)
+    except RunStopped as exc:
+        Console(stderr=True, soft_wrap=True).print(Text("dgkit: ") + Text(str(exc)), highlight=False)
+        sys.exit(exc.exit_code)
+    except SIGTERMException:  # Lightning's own handler, outside training (setup, testing)
+        _fail("SIGTERM received outside training (nothing new to checkpoint); run the same "
+              "command again to continue", code=143)
     except argparse.ArgumentError as exc:
-        _fail(_parse_message(str(exc), argv[0] if argv else "fit"))
+        _fail(parse_message(str(exc), argv[0] if argv else "fit", SECTIONS))
     except Exception as exc:
+        if os.environ.get("DGKIT_TRACEBACK"):
+            traceback.print_exc()
+        if isinstance(exc, MisconfigurationException):
+            _fail(_user_message(exc))
+        error = user_error(exc)
+        if error is not None:
+            if isinstance(error, RunStopped):
+                Console(stderr=True, soft_wrap=True).print(Text("dgkit: ") + Text(str(error)))
+                sys.exit(error.exit_code)
+            _fail(_user_message(error))
         culprit = plugin_of(exc)
         if culprit is None:
             raise
-        if os.environ.get("DGKIT_TRACEBACK"):
-            traceback.print_exc()
         _fail(f"plugin {culprit.plugin!r} ({culprit.distribution}) raised {type(exc).__name__} in "
               f"{culprit.where}: {exc}. This is an error in that plugin's code (or a setting it "
               "does not check); DGKIT_TRACEBACK=1 shows the whole traceback.", code=1)
+
+
+def _algorithm_help(argv: list[str]) -> None:
+    """``dgkit fit --algo X --help``: X's own options after the command's."""
+    if not ({"--help", "-h"} & set(argv)):
+        return
+    for i, arg in enumerate(argv):
+        flag, _, inline = arg.partition("=")
+        alias = inline or (argv[i + 1] if i + 1 < len(argv) else "")
+        if flag == "--algo" and alias in registry("algorithm"):
+            print("\n" + algorithm_help(alias, registry("algorithm").get(alias).obj))
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -399,21 +487,7 @@ def _fail(message: str, code: int = 2) -> None:
 # Where the options of each top-level config section come from, for "did you mean".
 SECTIONS = {"trainer": Trainer.__init__, "model": DGModule.__init__,
             "data": DomainDataModule.__init__, "checkpoint": ModelCheckpoint.__init__,
-            "last_checkpoint": ResumeCheckpoint.__init__}
-
-
-def _parse_message(message: str, subcommand: str) -> str:
-    """jsonargparse's message, with the closest known option for a mistyped key."""
-    unknown = re.search(r"does not accept option '([\w.]+)'|unrecognized arguments: --([\w.]+)", message)
-    key = unknown and (unknown.group(1) or unknown.group(2))
-    hint = ""
-    if key and "." in key and key.split(".")[0] in SECTIONS:
-        section, name = key.split(".", 1)
-        known = [p for p in inspect.signature(SECTIONS[section]).parameters if p != "self"]
-        close = difflib.get_close_matches(name, known, n=1)
-        if close:
-            hint = f" Did you mean '{section}.{close[0]}'?"
-    return f"{message}.{hint} `dgkit {subcommand} --help` lists every option."
+            "last_checkpoint": ResumeCheckpoint.__init__, "divergence": DivergenceCheck.__init__}
 
 
 def _user_message(exc: BaseException) -> str:

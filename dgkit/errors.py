@@ -46,3 +46,16 @@ def check(condition: bool, parameter: str, problem: str, allowed: str | None = N
     """Raise a ConfigError naming ``parameter`` unless ``condition`` holds."""
     if not condition:
         raise ConfigError(parameter, problem, allowed)
+
+
+class RunStopped(DGKitError):
+    """Training stopped at a batch boundary on a signal, after writing the resume checkpoint.
+
+    The process exits with ``128 + signal`` (143 for SIGTERM, 130 for SIGINT), as a shell
+    reports a command killed by that signal, so schedulers and scripts do not read success.
+    """
+
+    def __init__(self, signum: int, message: str):
+        self.signum = signum
+        self.exit_code = 128 + signum
+        super().__init__(message)

@@ -109,6 +109,8 @@ class DGModule(LightningModule):
                               "dgkit Algorithm", "subclasses of dgkit.Algorithm")
         self.automatic_optimization = not self.algorithm.manual_optimization
         self._speed_up(channels_last, compile)
+        # Lightning's model summary measures FLOPs (and sizes) on it.
+        self.example_input_array = torch.zeros(1, *self.task.input_shape)
 
         metric_names = metrics or ["accuracy"]
         factories = {name: registry("metric").get(name).obj for name in metric_names}
@@ -247,7 +249,7 @@ class DGModule(LightningModule):
         callback = self.trainer.checkpoint_callback
         if callback is not None and callback.dirpath:
             path = os.path.join(callback.dirpath, f"stage-{name}.ckpt")
-            self.trainer.save_checkpoint(path + ".tmp")
+            self.trainer.save_checkpoint(path + ".tmp", weights_only=False)
             if self.trainer.is_global_zero:  # a reader never sees half a file
                 os.replace(path + ".tmp", path)
             record["checkpoint"] = path
@@ -471,7 +473,8 @@ class DGModule(LightningModule):
                     collections.append(self.head_metrics[stage][i])
                 for collection in collections:
                     for name, value in collection.compute().items():  # synced across ranks
-                        self.log(f"{stage}/{name}/{domain}", value, sync_dist=False)
+                        # A number, not a tensor: already reduced, Lightning need not sync it.
+                        self.log(f"{stage}/{name}/{domain}", value.item())
                         logged[f"{stage}/{name}/{domain}"] = value
                         per_metric.setdefault(name, []).append(value)
                     collection.reset()
@@ -479,8 +482,7 @@ class DGModule(LightningModule):
             # DomainBed averages accuracies over domains (not over pooled samples).
             for name, values in per_metric.items():
                 logged[f"{stage}/{name}"] = torch.stack(values).mean()
-                self.log(f"{stage}/{name}", logged[f"{stage}/{name}"], sync_dist=False,
-                         prog_bar=stage == "val")
+                self.log(f"{stage}/{name}", logged[f"{stage}/{name}"].item(), prog_bar=stage == "val")
         return logged
 
 
