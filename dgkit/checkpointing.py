@@ -38,6 +38,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from dgkit.errors import ConfigError, DGKitError, RunStopped
+from dgkit.results import file_mode
 
 RESUME_FILE = "last.ckpt"
 LOCK_FILE = ".running"  # "host pid" of the process training in a run folder
@@ -92,6 +93,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 torch.save(checkpoint, fh)
                 fh.flush()
                 os.fsync(fh.fileno())
+            os.chmod(tmp, file_mode())  # as the run's other files, not mkstemp's 0600
             os.replace(tmp, path)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):

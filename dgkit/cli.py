@@ -37,7 +37,8 @@ from dgkit.checkpointing import AtomicCheckpointIO, ResumeCheckpoint, read_check
 from dgkit.data import DomainDataModule
 from dgkit.divergence import DivergenceCheck
 from dgkit.errors import ConfigError, DGKitError, RunStopped, UnknownAliasError
-from dgkit.explain import algorithm_help, parse_message, user_error
+from dgkit.explain import algorithm_help, built_by_parser, parse_message, user_error
+from dgkit.final_step import ValidateFinalStep
 from dgkit.module import DGModule, algorithm_mismatch, task_dict
 from dgkit.plugins import plugin_of, plugins, registry
 from dgkit.results import collect_results, print_results, write_results
@@ -80,6 +81,10 @@ NOISE_WARNINGS = (
     r"The `srun` command is available on your system but is not used",  # a login node
     r"LightningCLI's args parameter",  # main() always hands over the rewritten argv
     r"You're resuming from a checkpoint that ended before",  # samplers are positioned by dgkit
+    # Evaluating from another folder: nothing is checkpointed then, nothing is lost.
+    r"The dirpath has changed from",
+    # The evaluation metrics are torchmetrics, reduced across ranks by their compute().
+    r"It is recommended to use `self.log\(.*sync_dist=True\)` when logging on epoch level",
 )
 NOISE_LOGS = ("💡 Tip:",)  # Lightning's advertisement for its cloud logger
 
@@ -192,6 +197,7 @@ class DGCLI(LightningCLI):
         run = ckpt.resolve().parent.parent
         if ckpt.resolve().parent.name != "checkpoints" or not (run / CONFIG_FILE).is_file():
             return  # not a dgkit run folder: Lightning's default versioning
+        config.checkpoint.dirpath = str(ckpt.parent)  # the run's, as in its fit
         for logger in self._file_loggers(config):
             logger.init_args.save_dir = str(run.parent)
             logger.init_args.name = ""
@@ -241,6 +247,7 @@ class DGCLI(LightningCLI):
             # handler would save from inside the signal handler, possibly mid-update.
             plugins.append(SLURMEnvironment(auto_requeue=False))
         config = {**config, "plugins": plugins}
+        callbacks = [*callbacks, ValidateFinalStep()]
         # A rich progress bar by default, unless bars are off or the user chose another.
         chosen = [*callbacks, *(config.get("callbacks") or [])]
         if config.get("enable_progress_bar") is not False and not any(
@@ -459,6 +466,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                 sys.exit(error.exit_code)
             _fail(_user_message(error))
         culprit = plugin_of(exc)
+        refused = built_by_parser(exc) if culprit is None else None
+        if refused is not None:  # a dependency's constructor refused a setting
+            _fail(f"building the configured objects failed: {refused} (DGKIT_TRACEBACK=1 shows where)")
         if culprit is None:
             raise
         _fail(f"plugin {culprit.plugin!r} ({culprit.distribution}) raised {type(exc).__name__} in "

@@ -106,3 +106,15 @@ def algorithm_help(alias: str, cls: type) -> str:
         if docs.get(p.name):
             lines.append(f"      {docs[p.name]}")
     return "\n".join(lines)
+
+
+def built_by_parser(exc: BaseException) -> str | None:
+    """What a class's constructor said when it refused a setting while jsonargparse built
+    it (a logger given a store it refuses, say); jsonargparse keeps only the text, inside
+    its dump of every type it tried. None when ``exc`` is not such a dump."""
+    message = str(exc)
+    if _UNION not in message or "Errors:" not in message:
+        return None
+    errors = re.findall(r"^  - (.*)$", message.split("Errors:", 1)[1], re.M)
+    said = [e for e in errors if not e.startswith(("Expected a <class", "Not a valid subclass", "Type "))]
+    return " ".join(said[0].split()) if said else None

@@ -36,7 +36,7 @@ class DGModule(LightningModule):
         algorithm: AlgorithmFactory | None = None,
         task: Task | dict | None = None,
         backbone: str = "auto",
-        pretrained: bool | str = False,
+        pretrained: bool | str | None = None,
         dropout: float = 0.0,
         freeze_bn: bool = False,
         optimizer: OptimizerCallable = torch.optim.Adam,
@@ -59,7 +59,9 @@ class DGModule(LightningModule):
             task: input shape, classes and domains; linked from the data module.
             backbone: ``auto`` (the data set's default), ``mnist_cnn``, any timm model
                 name, or ``torchvision/<name>``.
-            pretrained: load pretrained weights from the hub (``true``) or a local file.
+            pretrained: load pretrained weights from the hub (``true``) or a local file;
+                default: the data set's choice (ImageNet weights for the photo data sets,
+                as DomainBed and the papers start; none for the digits).
             dropout: dropout on the features (DomainBed's ``resnet_dropout``).
             freeze_bn: keep BatchNorm running statistics fixed (as DomainBed does).
             optimizer: optimizer class and its arguments (lr, weight_decay, ...).
@@ -473,8 +475,8 @@ class DGModule(LightningModule):
                     collections.append(self.head_metrics[stage][i])
                 for collection in collections:
                     for name, value in collection.compute().items():  # synced across ranks
-                        # A number, not a tensor: already reduced, Lightning need not sync it.
-                        self.log(f"{stage}/{name}/{domain}", value.item())
+                        # Already reduced across ranks: Lightning need not sync it again.
+                        self.log(f"{stage}/{name}/{domain}", value, sync_dist=False)
                         logged[f"{stage}/{name}/{domain}"] = value
                         per_metric.setdefault(name, []).append(value)
                     collection.reset()
@@ -482,7 +484,8 @@ class DGModule(LightningModule):
             # DomainBed averages accuracies over domains (not over pooled samples).
             for name, values in per_metric.items():
                 logged[f"{stage}/{name}"] = torch.stack(values).mean()
-                self.log(f"{stage}/{name}", logged[f"{stage}/{name}"].item(), prog_bar=stage == "val")
+                self.log(f"{stage}/{name}", logged[f"{stage}/{name}"], sync_dist=False,
+                         prog_bar=stage == "val")
         return logged
 
 

@@ -7,6 +7,7 @@ message saying how to supply weights, instead of retrying for a minute.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import socket
@@ -110,7 +111,9 @@ class Backbone:
     """How to build a featurizer; algorithms call ``build(task)`` once per network."""
 
     name: str = "auto"
-    pretrained: bool | str = False
+    #: ``None``: the data set's default (ImageNet weights for natural images, as DomainBed
+    #: and the papers start; none for the digit data sets)
+    pretrained: bool | str | None = None
     dropout: float = 0.0
     freeze_bn: bool = False
 
@@ -126,6 +129,9 @@ class Backbone:
 
     def build(self, task: Task) -> Featurizer:
         name = self.resolve(task)
+        if self.pretrained is None:
+            pretrained = task.default_pretrained and name not in ("mnist_cnn", "mlp")
+            return dataclasses.replace(self, pretrained=pretrained).build(task)
         channels = task.input_shape[0]
         if name == "mnist_cnn":
             if self.pretrained:
@@ -185,8 +191,10 @@ def _require_timm_weights(name: str) -> None:
     if not _reachable("huggingface.co"):
         raise ConfigError(
             "model.pretrained",
-            f"pretrained weights for {name!r} are not cached and the hub is unreachable",
-            "false, or the path of a local weights file: --model.pretrained path/to/weights.pth",
+            f"pretrained weights for {name!r} are not cached and the hub is unreachable (image data "
+            "sets start from ImageNet weights, as the papers do)",
+            "the path of a local weights file: --model.pretrained path/to/weights.pth; or "
+            "--model.pretrained false to train from random weights",
         )
 
 

@@ -203,8 +203,20 @@ def _pairs(records: list[Record], method: str, algorithm: str | None = None) -> 
 def _cell(value: tuple[float, float, int] | None, latex: bool = False) -> str:
     if value is None:
         return "-"
+    if value[2] == 1:  # one seed: no standard error to show
+        return f"{100 * value[0]:.1f} (n=1)"
     pm = r" $\pm$ " if latex else " ± "
     return f"{100 * value[0]:.1f}{pm}{100 * value[1]:.1f}"
+
+
+def display_name(alias: str) -> str:
+    """An algorithm as papers name it (its class: ``SAM``, ``AdaNPC``), not its alias."""
+    from dgkit.plugins import registry
+
+    try:
+        return registry("algorithm").get(alias).obj.__name__
+    except DGKitError:
+        return alias
 
 
 def markdown(results: dict[str, dict]) -> str:
@@ -213,7 +225,7 @@ def markdown(results: dict[str, dict]) -> str:
         head = ["Algorithm", *table["domains"]]
         lines = [f"### {method}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for algorithm, row in table["rows"].items():
-            cells = [algorithm, *(_cell(row.get(d)) for d in table["domains"])]
+            cells = [display_name(algorithm), *(_cell(row.get(d)) for d in table["domains"])]
             lines.append("| " + " | ".join(cells) + " |")
         parts.append("\n".join(lines))
     return "\n\n".join(parts) + "\n"
@@ -226,7 +238,7 @@ def latex(results: dict[str, dict]) -> str:
         lines = [f"% {method}", rf"\begin{{tabular}}{{{cols}}}", r"\toprule",
                  " & ".join(["Algorithm", *table["domains"]]) + r" \\", r"\midrule"]
         for algorithm, row in table["rows"].items():
-            lines.append(" & ".join([algorithm, *(_cell(row.get(d), latex=True)
+            lines.append(" & ".join([display_name(algorithm), *(_cell(row.get(d), latex=True)
                                                   for d in table["domains"])]) + r" \\")
         lines += [r"\bottomrule", r"\end{tabular}"]
         parts.append("\n".join(lines))

@@ -31,25 +31,49 @@ def collect_results(metrics: Mapping[str, Any], task: Task, **info: Any) -> dict
             average[name] = float(value)
         else:
             domains.setdefault("/".join(parts[2:]), {})[name] = float(value)
+    if not task.average_test:  # official splits (OOD test, ID test): never averaged together
+        average = {}
     return {"dataset": task.dataset, "source_domains": list(task.source_domains),
-            "domains": domains, "average": average, **info}
+            "domains": domains, "average": average, "headline_metrics": list(task.headline_metrics),
+            **info}
+
+
+def _cell(metric: str, value: float) -> str:
+    if metric.startswith("count"):  # sample counts (WILDS' count_*), not fractions
+        return f"{value:g}"
+    return f"{100 * value:.2f}"
 
 
 def print_results(results: dict, console: Console | None = None) -> None:
-    metrics = sorted({m for values in results["domains"].values() for m in values})
+    everything = sorted({m for values in results["domains"].values() for m in values})
+    headline = results.get("headline_metrics") or []
+    shown = [m for m in everything if not headline or m in headline
+             or m.removesuffix(" (no adaptation)") in headline]
     console = console or Console()
     console.print(f"[bold]{results.get('algorithm', '')}[/bold] on {results['dataset']}, trained "
                   f"on {', '.join(results['source_domains'])}; held-out domains:")
-    table = Table()
-    table.add_column("test domain")
-    for m in metrics:
-        table.add_column(m, justify="right")
-    for domain, values in results["domains"].items():
-        table.add_row(domain, *(f"{100 * values[m]:.2f}" if m in values else "-" for m in metrics))
-    if len(results["domains"]) > 1:
-        table.add_row("average", *(f"{100 * results['average'].get(m, float('nan')):.2f}"
-                                   for m in metrics), style="bold")
+    rows = [(domain, values) for domain, values in results["domains"].items()]
+    if len(rows) > 1 and results.get("average"):
+        rows.append(("average", results["average"]))
+    width = len("test domain") + sum(len(m) + 3 for m in shown) + 4
+    if width <= console.width:
+        table = Table()
+        table.add_column("test domain")
+        for m in shown:
+            table.add_column(m, justify="right", no_wrap=True, min_width=len(m))
+        for domain, values in rows:
+            table.add_row(domain, *(_cell(m, values[m]) if m in values else "-" for m in shown),
+                          style="bold" if domain == "average" else None)
+    else:  # too many metrics for the terminal: one row per metric instead
+        table = Table()
+        table.add_column("metric", no_wrap=True)
+        for domain, _ in rows:
+            table.add_column(domain, justify="right", style="bold" if domain == "average" else None)
+        for m in shown:
+            table.add_row(m, *(_cell(m, values[m]) if m in values else "-" for _, values in rows))
     console.print(table)
+    if len(shown) < len(everything):
+        console.print(f"{len(everything) - len(shown)} more metrics per split in {RESULTS_FILE}")
     console.print(f"checkpoint: {results.get('ckpt_path') or '(weights at the end of training)'}")
     if results.get("transductive"):
         console.print("[bold]transductive[/bold]: training saw unlabeled images of the held-out domains")
@@ -66,6 +90,14 @@ def print_results(results: dict, console: Console | None = None) -> None:
                       f"({selection['labels_used']} labels)")
 
 
+def file_mode() -> int:
+    """The mode a plain ``open()`` would give a new file under the current umask
+    (``mkstemp`` creates its files 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def write_results(results: dict, directory: Path) -> Path:
     """Write atomically: a reader never sees half a file."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -73,5 +105,6 @@ def write_results(results: dict, directory: Path) -> Path:
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".results-")
     with os.fdopen(fd, "w") as fh:
         json.dump(results, fh, indent=2, default=str)
+    os.chmod(tmp, file_mode())
     os.replace(tmp, path)
     return path

@@ -147,12 +147,30 @@ def parse_grid(items: list[str]) -> dict[str, list[str]]:
     return grid
 
 
+def all_domains(extra: list[str]) -> list[str]:
+    """Every domain of the data set the runs use (``--data ALIAS``; Rotated MNIST by default)."""
+    from dgkit.cli import DEFAULT_DATASET
+    from dgkit.plugins import registry
+
+    alias = DEFAULT_DATASET
+    for i, arg in enumerate(extra):
+        if arg == "--data" and i + 1 < len(extra):
+            alias = extra[i + 1]
+        elif arg.startswith("--data="):
+            alias = arg.split("=", 1)[1]
+    domains = list(getattr(registry("dataset").get(alias).obj, "domains", ()))
+    if not domains:
+        raise DGKitError(f"--test-domains all: {alias} has no fixed list of domains; name them")
+    return domains
+
+
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="dgkit sweep", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dir", required=True, help="the sweep's folder")
     parser.add_argument("--algos", nargs="+", required=True)
-    parser.add_argument("--test-domains", nargs="+", required=True)
+    parser.add_argument("--test-domains", nargs="+", required=True,
+                        help="held-out domains, one run each; `all`: every domain of --data")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--grid", nargs="*", default=[], help="KEY=V1,V2 ... (dgkit fit keys)")
     parser.add_argument("--random", type=int, help="draw this many hyperparameter settings")
@@ -171,6 +189,8 @@ def main(argv: list[str]) -> None:
     extra = [a for a in extra if a != "--"]
     root = Path(args.dir).resolve()
     root.mkdir(parents=True, exist_ok=True)
+    if args.test_domains == ["all"]:
+        args.test_domains = all_domains(extra)
     lodo = None if args.lodo is None else (args.lodo or args.test_domains)
     runs = plan(args.algos, args.test_domains, args.seeds, parse_grid(args.grid), args.random,
                 args.sweep_seed, args.kfold, lodo)

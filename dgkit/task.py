@@ -20,14 +20,24 @@ class Task:
     source_domains: tuple[str, ...]
     target_domains: tuple[str, ...] = ()
     default_backbone: str = "resnet50"
+    #: whether the default backbone starts from ImageNet weights (natural images)
+    default_pretrained: bool = False
     dataset: str = ""
     streams: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    #: the metrics the results table shows (all when empty); the files hold every one
+    headline_metrics: tuple[str, ...] = ()
+    #: whether the test streams are domains to average over (DomainBed); a benchmark's
+    #: official splits (WILDS' OOD ``test`` and ``id_test``) never are
+    average_test: bool = True
+    #: where the training steps' unlabeled images come from (``--data.unlabeled``)
+    unlabeled: str = "none"
 
     def __post_init__(self) -> None:
         # jsonargparse and checkpoints hand lists back; keep the dataclass hashable.
         object.__setattr__(self, "input_shape", tuple(self.input_shape))
         object.__setattr__(self, "source_domains", tuple(self.source_domains))
         object.__setattr__(self, "target_domains", tuple(self.target_domains))
+        object.__setattr__(self, "headline_metrics", tuple(self.headline_metrics))
         object.__setattr__(self, "streams", tuple((str(stage), tuple(names))
                                                   for stage, names in self.streams))
 

@@ -1,6 +1,7 @@
 """Bonsai (Rich Feature Construction): rounds, synthesis, per-round selection, stage
 checkpoints, kill-and-resume, and starting any algorithm from its representation."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -163,7 +164,8 @@ def bonsai_checkpoint(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("alias", [e.alias for e in registry("algorithm")])
 def test_every_algorithm_starts_from_a_bonsai_representation(alias, bonsai_checkpoint):
-    algorithm = registry("algorithm").get(alias).obj(TASK, Backbone("mnist_cnn"))
+    task = dataclasses.replace(TASK, unlabeled="source_holdout")  # DivDis, D-BAT need them
+    algorithm = registry("algorithm").get(alias).obj(task, Backbone("mnist_cnn"))
     report = load_representation(algorithm, bonsai_checkpoint, freeze=True)
     exported = torch.load(bonsai_checkpoint, weights_only=True)["state_dict"]
     featurizers = [m for m in algorithm.modules() if isinstance(m, Featurizer)]

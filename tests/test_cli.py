@@ -117,13 +117,15 @@ def test_test_validate_predict_from_checkpoint_alone(erm_runs, capsys, monkeypat
     results, _ = erm_runs[0]
     ckpt = results["ckpt_path"]
     monkeypatch.chdir(tmp_path)
-    code, out, _ = run(["test", "--ckpt_path", ckpt, *QUIET], capsys)
-    assert code == 0 and "ERM on RotatedMNIST" in out
-    again = json.loads(next(Path("runs").glob("*/test_results.json")).read_text())
+    code, out, err = run(["test", "--ckpt_path", ckpt, *QUIET], capsys)
+    assert code == 0 and "ERM on RotatedMNIST" in out, err[-2000:]
+    beside = Path(ckpt).parent.parent  # evaluations write into the run they evaluate
+    again = json.loads((beside / f"test-{Path(ckpt).stem}" / "test_results.json").read_text())
     assert again["domains"] == results["domains"]  # model and data rebuilt from the ckpt
     assert run(["validate", "--ckpt_path", ckpt, *QUIET])[0] == 0
     assert run(["predict", "--ckpt_path", ckpt, *QUIET])[0] == 0
-    (predictions,) = Path("runs").glob("*/predictions.pt")
+    assert not Path("runs").exists()
+    predictions = beside / f"predict-{Path(ckpt).stem}" / "predictions.pt"
     batches = torch.load(predictions, weights_only=False)
     assert batches[0]["domain"] == "75" and batches[0]["logits"].shape[1] == 10
 

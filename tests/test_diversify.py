@@ -18,7 +18,7 @@ from dgkit.task import Task
 from dgkit_algorithms import DBAT, ERM, DivDis
 from dgkit_algorithms.diversify import pairwise_mutual_information
 
-TASK = Task((2, 28, 28), 2, ("a", "b"), default_backbone="mlp")
+TASK = Task((2, 28, 28), 2, ("a", "b"), default_backbone="mlp", unlabeled="source_holdout")
 
 
 def test_unlabeled_target_stream_has_no_labels_and_never_the_test_images():

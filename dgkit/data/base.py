@@ -20,6 +20,10 @@ class MultiDomainDataset:
     num_classes: ClassVar[int] = 0
     input_shape: ClassVar[tuple[int, ...]] = ()
     default_backbone: ClassVar[str] = "resnet50"
+    #: start the default backbone from ImageNet weights (natural images, as the papers do)
+    default_pretrained: ClassVar[bool] = False
+    #: the metrics the results table shows (the rest go to the files); () shows all
+    headline_metrics: ClassVar[tuple[str, ...]] = ()
     default_test_domains: ClassVar[tuple[str, ...]] = ()
 
     def domain_dataset(self, index: int) -> Dataset:

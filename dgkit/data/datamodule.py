@@ -159,6 +159,10 @@ class DomainDataModule(LightningDataModule):
         if self.official:
             check_no_domain_options(test_domains, unlabeled, ds.name)
             test_domains = []
+        if test_domains is not None and not list(test_domains) and not self.official:
+            raise ConfigError("data.test_domains", "is empty: the run would test on nothing",
+                              f"one or more of {list(ds.domains)} (or leave it out for "
+                              f"{list(ds.default_test_domains)})")
         chosen = list(ds.default_test_domains) if test_domains is None else list(test_domains)
         self.test_indices = sorted({self._domain_index(d) for d in chosen})
         if unlabeled not in ("none", "target", "source_holdout", "crafted", "domains"):
@@ -236,7 +240,11 @@ class DomainDataModule(LightningDataModule):
             source_domains=sources,
             target_domains=targets,
             default_backbone=ds.default_backbone,
+            default_pretrained=ds.default_pretrained,
+            headline_metrics=ds.headline_metrics,
+            average_test=not self.official,
             dataset=ds.name,
+            unlabeled=self.unlabeled,
         )
 
     # --- splits -----------------------------------------------------------------------

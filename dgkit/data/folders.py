@@ -43,6 +43,7 @@ class FolderDomains(MultiDomainDataset):
     folders: ClassVar[tuple[str, ...]] = ()
     download_hint: ClassVar[str] = ""
     default_backbone = "resnet50"
+    default_pretrained = True
 
     def __init__(self, root: str = "data", image_size: int = 224,
                  train_transform: str = "domainbed", eval_transform: str = "resize",
@@ -84,16 +85,29 @@ class FolderDomains(MultiDomainDataset):
         for candidate in candidates:
             if all((candidate / d).is_dir() for d in self.domains):
                 return candidate
+        partial = [c for c in candidates if c.is_dir() and any((c / d).is_dir() for d in self.domains)]
         if not self.root.is_dir():
             problem = f"no data root at {str(self.root)!r}"
+        elif partial:
+            missing = [d for d in self.domains if not (partial[0] / d).is_dir()]
+            problem = f"{partial[0]} lacks the domain folder(s) {', '.join(missing)}"
         else:
             problem = f"{str(self.root)!r} does not hold {self.name}"
         raise DGKitError(f"{self.name}: {problem}. {self.layout()} "
                          f"Set it with --data.dataset.root DIR.")
 
     def _classes(self) -> list[str]:
-        return sorted({c.name for d in self.domains for c in (self.directory / d).iterdir()
-                       if c.is_dir()})
+        found = {d: {c.name for c in (self.directory / d).iterdir() if c.is_dir()} for d in self.domains}
+        classes = sorted(set().union(*found.values()))
+        # A domain without a class would silently shift what the accuracies mean.
+        lacking = {d: sorted(set(classes) - names) for d, names in found.items() if set(classes) - names}
+        if lacking and len(classes) == self.num_classes:
+            listing = "; ".join(f"{self.directory / d} lacks {', '.join(c[:5])}"
+                                + (f" and {len(c) - 5} more" if len(c) > 5 else "")
+                                for d, c in lacking.items())
+            raise DGKitError(f"{self.name}: every domain needs the same {self.num_classes} class "
+                             f"folders: {listing}. Re-download the data set.")
+        return classes
 
     def domain_dataset(self, index: int) -> Dataset:
         if index not in self._listed:

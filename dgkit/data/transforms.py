@@ -60,12 +60,31 @@ def pipeline(spec: str, size: int, train: bool, parameter: str) -> A.Compose:
     return preset(spec, size, train, parameter)
 
 
+JPEG_END = b"\xff\xd9"  # every complete JPEG ends with its EOI marker
+PNG_END = b"IEND\xaeB`\x82"
+
+
+def truncated(data: bytes) -> bool:
+    """Whether an encoded JPEG or PNG stops before its end marker. OpenCV decodes such a
+    file into a partly grey image and only warns on stderr, without the file's name."""
+    if data[:2] == b"\xff\xd8":
+        return JPEG_END not in data[-64:]
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return not data.rstrip(b"\x00").endswith(PNG_END)
+    return False
+
+
 def read_rgb(path: str | Path) -> np.ndarray:
     """An image file as an RGB uint8 array; a clear error naming the file if it does not
     decode (truncated download, not an image)."""
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if image is None:
-        raise DGKitError(f"cannot decode image {path}: the file is missing, empty or corrupt. "
+    try:
+        data = Path(path).read_bytes()
+    except OSError:
+        data = b""
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) if data else None
+    if image is None or truncated(data):
+        problem = "is truncated" if image is not None else "is missing, empty or corrupt"
+        raise DGKitError(f"cannot decode image {path}: the file {problem}. "
                          "Re-download or remove it (--data.dataset.verify true lists every such file "
                          "before training).")
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)

@@ -96,6 +96,7 @@ class WildsDomains(MultiDomainDataset):
     official_streams: ClassVar[dict[str, tuple[str, ...]]] = {
         "val": ("id_val",), "ood_val": ("val",), "test": ("test",)}
     default_backbone = "resnet50"
+    default_pretrained = True
 
     def __init__(self, root: str = "data", image_size: int = 224,
                  train_transform: str = "domainbed", eval_transform: str = "resize",
@@ -176,6 +177,7 @@ class Camelyon17(WildsDomains):
     wilds_name, version = "camelyon17", "1.0"
     domain_fields = ("hospital",)
     selection_metric = "ood_val/acc_avg"
+    headline_metrics = ("acc_avg", "acc_wg")
 
 
 class IWildCam(WildsDomains):
@@ -185,6 +187,7 @@ class IWildCam(WildsDomains):
     wilds_name, version = "iwildcam", "2.0"
     domain_fields = ("location",)
     selection_metric = "ood_val/F1-macro_all"
+    headline_metrics = ("F1-macro_all", "acc_avg")
     official_streams: ClassVar[dict[str, tuple[str, ...]]] = {
         "val": ("id_val",), "ood_val": ("val",), "test": ("test", "id_test")}
 
@@ -196,6 +199,7 @@ class FMoW(WildsDomains):
     wilds_name, version = "fmow", "1.1"
     domain_fields = ("region",)
     selection_metric = "ood_val/acc_worst_region"
+    headline_metrics = ("acc_worst_region", "acc_avg")
     official_streams: ClassVar[dict[str, tuple[str, ...]]] = {
         "val": ("id_val",), "ood_val": ("val",), "test": ("test", "id_test")}
 

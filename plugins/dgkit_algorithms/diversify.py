@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dgkit import Algorithm, Backbone, Batch, Task
-from dgkit.errors import DGKitError, check
+from dgkit.errors import ConfigError, DGKitError, check
 
 Selection = Literal["source_val", "target_queries"]
 
@@ -26,6 +26,14 @@ class SelectsHead(Algorithm):
     """Shared disambiguation: predict with ``selected_head``, chosen by accuracy on
     labelled data -- source validation, or ``num_queries`` target samples queried where
     the heads disagree most (the DivDis paper's active querying; uses target labels)."""
+
+    @staticmethod
+    def require_unlabeled_source(task: Task, name: str) -> None:
+        """Refused before any network is built: without unlabeled images there is nothing to
+        diversify on."""
+        if task.unlabeled == "none":
+            raise ConfigError("data.unlabeled", f"{name} learns from unlabeled images, and none "
+                              "are given", "target (transductive), source_holdout, crafted, domains")
 
     def _init_selection(self, num_heads: int, selection: Selection, num_queries: int) -> None:
         check(num_heads >= 2, "model.algorithm.heads", f"{num_heads}", ">= 2")
@@ -93,6 +101,7 @@ class DivDis(SelectsHead):
                 most, from the oracle split, never the test images) or ``source_val``.
             num_queries: labels used by ``target_queries``.
         """
+        self.require_unlabeled_source(task, type(self).__name__)
         super().__init__(task, backbone)
         self._init_selection(heads, selection, num_queries)
         check(reg_mode in ("kl_backward", "kl_forward", "none"), "model.algorithm.reg_mode",
@@ -143,6 +152,7 @@ class DBAT(SelectsHead):
             selection: how a model is picked before testing (see DivDis).
             num_queries: labels used by ``target_queries``.
         """
+        self.require_unlabeled_source(task, type(self).__name__)
         super().__init__(task, backbone)
         self._init_selection(models, selection, num_queries)
         check(variant in ("v1", "v2"), "model.algorithm.variant", f"{variant!r}", "v1, v2")

@@ -1,0 +1,94 @@
+"""Several processes through the command: ``--trainer.devices 2 --trainer.strategy ddp``
+on the CPU (gloo), every built-in algorithm, the evaluation commands, and two node
+processes rendezvousing over 127.0.0.1 as Lightning does on a cluster."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from e2e.command import QUIET, dgkit, environment, results, start
+
+DDP = ["--trainer.accelerator=cpu", "--trainer.strategy=ddp"]
+# Ten steps with one validation (the last step): the model tested is the one at step 10.
+EQUAL = ["fit", "--trainer.max_steps=10", "--model.backbone=mlp", "--data.shuffle=false",
+         "--model.optimizer=SGD", "--model.optimizer.lr=0.1", *QUIET]
+
+
+def _table_once(result) -> None:
+    assert result.code == 0, result.text[-3000:]
+    assert result.out.count("test domain") == 1, result.out
+    assert result.err.count("results written to") == 1
+    for noise in ("sync_dist", "Traceback", "weights_only"):
+        assert noise not in result.text, noise
+
+
+def test_two_devices_equal_one_device_on_the_same_global_batch(tmp_path):
+    for folder in ("one", "two"):
+        (tmp_path / folder).mkdir()
+    one = dgkit(*EQUAL, "--data.batch_size=16", cwd=tmp_path / "one")
+    _table_once(one)
+    two = dgkit(*EQUAL, *DDP, "--trainer.devices=2", "--data.batch_size=8", cwd=tmp_path / "two")
+    _table_once(two)
+    a, b = (results(tmp_path / f / "runs" / "version_0") for f in ("one", "two"))
+    # The test split is padded to an even count across the two ranks (one sample at most).
+    assert abs(a["domains"]["75"]["accuracy"] - b["domains"]["75"]["accuracy"]) < 0.005, (a, b)
+
+
+# What some algorithms need to train at all in a few steps.
+NEEDS = {"divdis": ["--data.unlabeled=source_holdout"], "dbat": ["--data.unlabeled=source_holdout"],
+         "bonsai": ["--model.algorithm.rounds=1", "--model.algorithm.stage_steps=[2,2]"],
+         "itta": ["--model.backbone=mnist_cnn"], "adanpc": ["--model.algorithm.k=10"]}
+ALGORITHMS = ["erm", "sam", "asam", "udim", "itta", "adanpc", "drm", "divdis", "dbat", "bonsai"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("alias", ALGORITHMS)
+def test_every_algorithm_fits_and_tests_on_two_processes(alias, tmp_path):
+    result = dgkit("fit", "--algo", alias, *DDP, "--trainer.devices=2", "--trainer.max_steps=4",
+                   "--model.backbone=mlp", "--data.batch_size=8", "--data.eval_batch_size=64",
+                   "--trainer.limit_val_batches=2", "--trainer.limit_test_batches=2",
+                   *NEEDS.get(alias, []), *QUIET, cwd=tmp_path)
+    _table_once(result)
+    assert (tmp_path / "runs" / "version_0" / "test_results.json").is_file()
+
+
+def test_evaluation_commands_under_two_processes_write_beside_the_run(tmp_path):
+    fit = dgkit(*EQUAL, "--data.batch_size=16", cwd=tmp_path)
+    _table_once(fit)
+    run = tmp_path / "runs" / "version_0"
+    ckpt = next((run / "checkpoints").glob("best-*.ckpt"))
+    tested = dgkit("test", "--ckpt_path", str(ckpt), *DDP, "--trainer.devices=2", *QUIET, cwd=tmp_path)
+    _table_once(tested)
+    assert abs(results(run / f"test-{ckpt.stem}")["domains"]["75"]["accuracy"]
+               - results(run)["domains"]["75"]["accuracy"]) < 0.005
+    for command in ("validate", "predict"):
+        other = dgkit(command, "--ckpt_path", str(ckpt), *DDP, "--trainer.devices=2", *QUIET, cwd=tmp_path)
+        assert other.code == 0 and "Traceback" not in other.text, other.text[-3000:]
+    assert (run / f"predict-{ckpt.stem}" / "predictions.pt").is_file()
+    assert sorted(p.name for p in run.parent.iterdir()) == ["version_0"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_node_processes_train_like_two_devices_on_one_node(tmp_path):
+    (tmp_path / "single").mkdir()
+    (tmp_path / "nodes").mkdir()
+    single = dgkit(*EQUAL, *DDP, "--trainer.devices=2", "--data.batch_size=8", cwd=tmp_path / "single")
+    _table_once(single)
+    port = str(_free_port())
+    nodes = [start(*EQUAL, *DDP, "--trainer.devices=1", "--trainer.num_nodes=2", "--data.batch_size=8",
+                   cwd=tmp_path / "nodes",
+                   env=environment(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, NODE_RANK=str(rank)))
+             for rank in (0, 1)]
+    outputs = [node.communicate(timeout=600) for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], [err[-2000:] for _, err in outputs]
+    assert outputs[0][0].count("test domain") == 1 and "test domain" not in outputs[1][0]
+    a = results(tmp_path / "single" / "runs" / "version_0")
+    b = results(tmp_path / "nodes" / "runs" / "version_0")
+    assert a["domains"] == b["domains"]
