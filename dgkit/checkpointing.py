@@ -24,10 +24,12 @@ import contextlib
 import csv
 import os
 import pickle
+import re
 import signal
 import socket
 import subprocess
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -50,16 +52,28 @@ def read_checkpoint(path: str | os.PathLike, **kwargs: Any) -> dict[str, Any]:
     never arbitrary objects); a file that is no readable checkpoint is named and refused."""
     path = Path(path)
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, **kwargs)
+        try:
+            with warnings.catch_warnings():  # torch's own warning repeats the advice
+                warnings.simplefilter("ignore")
+                checkpoint = torch.load(path, map_location="cpu", weights_only=True, **kwargs)
+        except RuntimeError as exc:
+            if not kwargs.get("mmap") or "zipfile" not in str(exc):
+                raise
+            # Not torch's zip format (which mmap needs): read it whole, as safely.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise DGKitError(f"no checkpoint file at {str(path)!r}") from None
     except pickle.UnpicklingError as exc:
-        detail = " ".join(str(exc).split("Check the documentation")[0].split())
-        if "Unsupported global" in detail or "GLOBAL" in detail:
-            raise DGKitError(f"{path} holds Python objects beyond tensors and plain data, which a "
-                             "dgkit checkpoint never does; it is not loaded (loading such a file runs "
-                             "code from it). Use a checkpoint written by `dgkit fit`.") from None
-        raise _damaged(path, detail) from None
+        # torch's advice here is to load with weights_only=False: never for a file of
+        # unknown origin, so only its reason is kept.
+        reason = re.search(r"WeightsUnpickler error: ([^.]*)", str(exc))
+        if "Unsupported global" not in str(exc):  # not even a pickle torch can read
+            raise _damaged(path, reason.group(1) if reason else "not a pickle") from None
+        raise DGKitError(f"{path} is not a dgkit checkpoint: it holds data that a safe load refuses "
+                         f"({reason.group(1) if reason else 'not tensors and plain data'}), and loading "
+                         "it unsafely could run code from it. Use a .ckpt written by `dgkit fit`.") from None
     except (RuntimeError, EOFError, ValueError, OSError) as exc:
         raise _damaged(path, " ".join(str(exc).split())[:200]) from None
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
@@ -71,7 +85,8 @@ def read_checkpoint(path: str | os.PathLike, **kwargs: Any) -> dict[str, Any]:
 def _damaged(path: Path, detail: str) -> DGKitError:
     others = sorted(p.name for p in path.parent.glob("*.ckpt") if p != path) if path.parent.is_dir() else []
     listing = f" Other checkpoints in {path.parent}: {', '.join(others)}." if others else ""
-    return DGKitError(f"{path} is not a readable checkpoint (truncated or damaged: {detail}).{listing}")
+    return DGKitError(f"{path} is not a readable checkpoint (truncated, damaged or another kind of file: "
+                      f"{detail}).{listing}")
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import re
+import signal
 import sys
 import traceback
 import warnings
@@ -442,16 +443,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         if argv[:1] and argv[0] in TOOLS:  # imported on use: `dgkit fit` never loads them
             importlib.import_module(TOOLS[argv[0]]).main(argv[1:])
             return
+        previous = {s: signal.signal(s, _stop_outside_training) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
             DGCLI(data_from_checkpoint(rewrite_aliases(argv)))
         finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
             _algorithm_help(argv)
-    except RunStopped as exc:
-        Console(stderr=True, soft_wrap=True).print(Text("dgkit: ") + Text(str(exc)), highlight=False)
-        sys.exit(exc.exit_code)
     except SIGTERMException:  # Lightning's own handler, outside training (setup, testing)
-        _fail("SIGTERM received outside training (nothing new to checkpoint); run the same "
-              "command again to continue", code=143)
+        _fail(_OUTSIDE_TRAINING.format(name="SIGTERM"), code=143)
     except argparse.ArgumentError as exc:
         _fail(parse_message(str(exc), argv[0] if argv else "fit", SECTIONS))
     except Exception as exc:
@@ -460,10 +460,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         if isinstance(exc, MisconfigurationException):
             _fail(_user_message(exc))
         error = user_error(exc)
-        if error is not None:
-            if isinstance(error, RunStopped):
-                Console(stderr=True, soft_wrap=True).print(Text("dgkit: ") + Text(str(error)))
+        if isinstance(error, RunStopped):
+            if error.during_training:  # stopped cleanly, resumable: news, not an error
+                Console(stderr=True, soft_wrap=True).print(Text("dgkit: ") + Text(str(error)),
+                                                           highlight=False)
                 sys.exit(error.exit_code)
+            _fail(str(error), code=error.exit_code)
+        if error is not None:
             _fail(_user_message(error))
         culprit = plugin_of(exc)
         refused = built_by_parser(exc) if culprit is None else None
@@ -474,6 +477,17 @@ def main(argv: Sequence[str] | None = None) -> None:
         _fail(f"plugin {culprit.plugin!r} ({culprit.distribution}) raised {type(exc).__name__} in "
               f"{culprit.where}: {exc}. This is an error in that plugin's code (or a setting it "
               "does not check); DGKIT_TRACEBACK=1 shows the whole traceback.", code=1)
+
+
+_OUTSIDE_TRAINING = ("{name} received outside training (setting up, validating or testing): nothing "
+                     "new to checkpoint; run the same command again to continue the unfinished run")
+
+
+def _stop_outside_training(signum: int, frame: object) -> None:
+    """SIGTERM/SIGINT while no training step runs: stop now, with the exit code of that
+    signal (training itself stops at a batch boundary, see ResumeCheckpoint)."""
+    raise RunStopped(signum, _OUTSIDE_TRAINING.format(name=signal.Signals(signum).name),
+                     during_training=False)
 
 
 def _algorithm_help(argv: list[str]) -> None:

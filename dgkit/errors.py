@@ -55,7 +55,7 @@ class RunStopped(DGKitError):
     reports a command killed by that signal, so schedulers and scripts do not read success.
     """
 
-    def __init__(self, signum: int, message: str):
-        self.signum = signum
+    def __init__(self, signum: int, message: str, during_training: bool = True):
+        self.signum, self.during_training = signum, during_training
         self.exit_code = 128 + signum
         super().__init__(message)

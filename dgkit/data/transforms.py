@@ -82,8 +82,9 @@ def read_rgb(path: str | Path) -> np.ndarray:
     except OSError:
         data = b""
     image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) if data else None
-    if image is None or truncated(data):
-        problem = "is truncated" if image is not None else "is missing, empty or corrupt"
+    cut = bool(data) and truncated(data)
+    if image is None or cut:
+        problem = "is truncated" if cut else "is missing, empty or corrupt"
         raise DGKitError(f"cannot decode image {path}: the file {problem}. "
                          "Re-download or remove it (--data.dataset.verify true lists every such file "
                          "before training).")

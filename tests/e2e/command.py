@@ -76,7 +76,7 @@ def steps_logged(run: Path) -> int:
     import csv
 
     with open(path, newline="") as fh:
-        steps = [int(r["step"]) for r in csv.DictReader(fh) if r.get("train/loss")]
+        steps = [int(r["step"]) for r in csv.DictReader(fh) if r.get("step")]
     return max(steps, default=-1)
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import torch
 
 from e2e.command import QUIET, dgkit
 
@@ -90,8 +91,9 @@ def _checkpoint(kind: str):
             path.write_bytes(np.random.default_rng(0).bytes(4096))
         elif kind == "cut":  # the start of a zip archive, and nothing more
             path.write_bytes(b"PK\x03\x04" + bytes(100))
-        elif kind == "pickle":  # a pickle that would run code when loaded unsafely
+        elif kind == "pickle":  # pickles that would run code when loaded unsafely
             path.write_bytes(pickle.dumps({"state_dict": {}, "x": shutil.rmtree}))
+            torch.save({"state_dict": {}, "x": shutil.rmtree}, tmp_path / "zipped.ckpt")
         return ["test", "--ckpt_path", str(path)]
     return setup
 
@@ -123,11 +125,11 @@ CASES = [
     ("abbreviated option", _argv("fit", "--trainer.max_step", "20"),
      "unrecognized arguments: --trainer.max_step 20. Did you mean 'trainer.max_steps'?"),
     ("random bytes as checkpoint", _checkpoint("random"),
-     "random.ckpt is not a readable checkpoint (truncated or damaged"),
+     "random.ckpt is not a readable checkpoint (truncated, damaged"),
     ("truncated checkpoint", _checkpoint("cut"),
-     "cut.ckpt is not a readable checkpoint (truncated or damaged"),
+     "cut.ckpt is not a readable checkpoint (truncated, damaged"),
     ("unsafe pickle as checkpoint", _checkpoint("pickle"),
-     "holds Python objects beyond tensors and plain data"),
+     "pickle.ckpt is not a readable checkpoint (truncated, damaged or another kind of file"),
     ("truncated last.ckpt of an unfinished run", _unfinished_run, "cannot be resumed"),
     ("divdis without unlabeled data", _argv("fit", "--algo", "divdis", "--data", "colored_mnist"),
      "data.unlabeled: DivDis learns from unlabeled images, and none are given"),
@@ -143,6 +145,14 @@ CASES = [
 ]
 
 
+def test_a_checkpoint_with_code_in_torch_format_is_refused_too(tmp_path):
+    _checkpoint("pickle")(tmp_path, tmp_path)
+    result = dgkit("test", "--ckpt_path", str(tmp_path / "zipped.ckpt"), cwd=tmp_path)
+    line = result.error_line()
+    assert result.code == 2 and "zipped.ckpt is not a dgkit checkpoint: it holds data that a safe" in line
+    assert "weights_only=False" not in result.text
+
+
 @pytest.mark.parametrize(("setup", "expected"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_bad_input_is_one_line_with_exit_code_2(setup, expected, tmp_path, good_root):
     argv = setup(tmp_path, good_root)
@@ -154,7 +164,10 @@ def test_bad_input_is_one_line_with_exit_code_2(setup, expected, tmp_path, good_
 def test_a_truncated_jpeg_is_named_in_training_and_by_verify(tmp_path, good_root):
     root = _copy(good_root, tmp_path)
     bad = root / "OfficeHomeDataset_10072016" / "Art" / "class_03" / "00001.jpg"
-    bad.write_bytes(bad.read_bytes()[:-40])
+    noise = np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8)
+    cv2.imwrite(str(bad), noise)
+    bad.write_bytes(bad.read_bytes()[:len(bad.read_bytes()) * 2 // 3])  # an interrupted download
+    assert cv2.imread(str(bad)) is not None  # OpenCV alone decodes it: a grey lower third
     base = ["fit", "--data", "officehome", "--data.dataset.root", str(root), "--model.pretrained=false",
             "--data.dataset.image_size=16", "--data.num_workers=0", "--trainer.max_epochs=1", *FAST]
     verify = dgkit(*base, "--data.dataset.verify=true", cwd=tmp_path)
