@@ -130,7 +130,8 @@ def slurm_script(root: Path, argv: list[str], runs: int, options: list[str]) -> 
     lines = ["#!/bin/bash", f"#SBATCH --array=0-{runs - 1}", "#SBATCH --requeue",
              "#SBATCH --signal=SIGUSR1@90", f"#SBATCH --output={root}/slurm-%A_%a.out",
              *(f"#SBATCH {o}" for o in options), "",
-             f"srun dgkit {shlex.join(argv)} --index $SLURM_ARRAY_TASK_ID", ""]
+             # --index before the arguments after `--`, which go to every run's `dgkit fit`.
+             f"srun dgkit {shlex.join(argv[:1])} --index $SLURM_ARRAY_TASK_ID {shlex.join(argv[1:])}", ""]
     path = root / "sweep.sbatch"
     path.write_text("\n".join(lines))
     return path

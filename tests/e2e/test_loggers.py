@@ -3,23 +3,21 @@
 from __future__ import annotations
 
 import sqlite3
-import time
 
 import pytest
 
-from e2e.command import QUIET, dgkit, interrupt, results, start, wait_for
+from e2e.command import QUIET, dgkit, interrupt, results, start, steps_logged, wait_for
 
 pytest.importorskip("mlflow", reason="mlflow is in the test extras")
 
 
 def test_mlflow_beside_csv_and_resume_and_report_still_work(tmp_path):
-    args = ["fit", "--trainer.max_steps=40", "--model.backbone=mlp", "--last_checkpoint.every_n_steps=1000",
+    args = ["fit", "--trainer.max_steps=400", "--model.backbone=mlp", "--last_checkpoint.every_n_steps=1000",
             "--trainer.logger+=MLFlowLogger", "--trainer.logger.init_args.tracking_uri=sqlite:///mlflow.db",
             "--trainer.logger.init_args.experiment_name=dgkit", *QUIET]
     proc = start(*args, cwd=tmp_path)
     run = tmp_path / "runs" / "version_0"
-    wait_for(lambda: (run / ".running").exists(), what="training to start")
-    time.sleep(3)
+    wait_for(lambda: steps_logged(run) >= 30, what="training to pass step 30")
     code, _, err = interrupt(proc)
     assert code == 143, err[-3000:]
     resumed = dgkit(*args, cwd=tmp_path)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from e2e.command import DGKIT, environment, results, wait_for
+from e2e.command import DGKIT, environment, results, steps_logged, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 TEMPLATE = ROOT / "configs" / "slurm" / "single_node.sbatch"
@@ -72,7 +72,7 @@ def wait_job(job: str, timeout: float) -> str:
 
 # Two tasks on the node (one DDP rank each, started by srun), one CPU each, no GPU.
 CPU_JOB = ["--ntasks-per-node=2", "--cpus-per-task=1", "--gres=none", "--time=00:20:00"]
-FIT = ["--trainer.accelerator", "cpu", "--trainer.max_steps", "60", "--model.backbone", "mlp",
+FIT = ["--trainer.accelerator", "cpu", "--trainer.max_steps", "400", "--model.backbone", "mlp",
        "--model.dropout", "0.2", "--last_checkpoint.every_n_steps", "1000",
        "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
 
@@ -83,8 +83,8 @@ def test_a_signalled_job_requeues_and_resumes_to_the_uninterrupted_result(tmp_pa
     whole.mkdir()
     job = sbatch(*CPU_JOB, str(TEMPLATE), *FIT, cwd=signalled)
     run = signalled / "runs" / "version_0"
-    wait_for(lambda: (run / ".running").exists(), timeout=300, what="the job to start training")
-    time.sleep(5)
+    # metrics.csv is written at each validation: signal the job some epochs in.
+    wait_for(lambda: steps_logged(run) >= 30, timeout=300, what="the job to pass step 30")
     # What Slurm does before the time limit (--signal=SIGUSR1@90), sent now.
     subprocess.run(["scancel", "--signal=USR1", job], check=True, timeout=30)
     # The uninterrupted twin runs while the requeued job waits for its begin time.
@@ -103,8 +103,8 @@ def test_the_sweep_job_array_finishes_every_run(tmp_path):
     made = subprocess.run(
         [DGKIT, "sweep", "--dir", str(sweep), "--algos", "erm", "sam", "--test-domains", "0", "75",
          "--slurm", "--sbatch=--cpus-per-task=1", "--sbatch=--ntasks=1", "--sbatch=--time=00:20:00",
-         "--", "--trainer.max_steps", "5", "--model.backbone", "mlp", "--trainer.enable_progress_bar",
-         "false"], cwd=tmp_path, capture_output=True, text=True, env=_env(), timeout=120)
+         "--", "--trainer.max_steps", "5", "--model.backbone", "mlp", "--data.track_test", "true",
+         "--trainer.enable_progress_bar", "false"], cwd=tmp_path, capture_output=True, text=True, env=_env(), timeout=120)
     assert made.returncode == 0, made.stderr
     assert "4 runs; submit with: sbatch" in made.stdout
     array = sbatch(str(sweep / "sweep.sbatch"), cwd=tmp_path)
