@@ -2,13 +2,17 @@
 out of memory, a plugin raising in its own code, a config file with an unknown key, a
 checkpoint of another algorithm."""
 
+import functools
+
 import pytest
 import torch
 from helpers import inside
+from lightning import Callback, Trainer, seed_everything
 
 from dgkit.cli import main
 from dgkit.data import DomainDataModule
 from dgkit.data.mnist import RotatedMNIST
+from dgkit.divergence import DivergenceCheck
 from dgkit.errors import ConfigError
 from dgkit.module import DGModule, task_dict
 from dgkit_algorithms.erm import ERM
@@ -87,3 +91,41 @@ def test_checkpoint_of_another_algorithm_is_refused_through_the_trainer_too(erm_
     trainer = Trainer(max_steps=4, logger=False, enable_progress_bar=False, limit_val_batches=0)
     with pytest.raises(ConfigError, match="was written by erm, but this run builds sam"):
         trainer.fit(model, datamodule=data, ckpt_path=erm_checkpoint)
+
+
+class LossRatio(Callback):
+    """The largest training loss over the first one, as DivergenceCheck measures it."""
+
+    def __init__(self):
+        self.start, self.worst = None, 0.0
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        loss = float(trainer.callback_metrics["train/loss"])
+        if self.start is None:
+            self.start = max(abs(loss), 1.0)
+        self.worst = max(self.worst, loss / self.start)
+
+
+# The algorithms' defaults on Rotated MNIST (DivDis and D-BAT with unlabeled data, ITTA on
+# its CNN, Bonsai over all its stages in the budget).
+NORMAL = {"erm": {}, "sam": {}, "asam": {}, "udim": {"warmup_steps": 20}, "itta": {},
+          "adanpc": {}, "drm": {}, "divdis": {}, "dbat": {}, "bonsai": {"stage_steps": [20, 20, 20]}}
+
+
+@pytest.mark.parametrize("alias", NORMAL)
+def test_the_divergence_check_stays_quiet_on_every_algorithms_normal_run(alias):
+    """Default lr (Adam 1e-3), 60 steps, the check on as the CLI sets it: it never fires,
+    and no loss comes within a tenth of its limit."""
+    from dgkit.plugins import registry
+
+    seed_everything(0)
+    data = DomainDataModule(RotatedMNIST(), batch_size=16,
+                            unlabeled="source_holdout" if alias in ("divdis", "dbat") else "none")
+    model = DGModule(algorithm=functools.partial(registry("algorithm").get(alias).obj, **NORMAL[alias]),
+                     task=task_dict(data.task), backbone="mnist_cnn" if alias == "itta" else "mlp")
+    ratio, check = LossRatio(), DivergenceCheck()
+    trainer = Trainer(max_steps=60, limit_val_batches=0, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, callbacks=[ratio, check])
+    trainer.fit(model, datamodule=data)
+    assert trainer.global_step == 60
+    assert ratio.worst < check.factor / 10, ratio.worst

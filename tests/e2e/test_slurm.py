@@ -104,7 +104,8 @@ def test_the_sweep_job_array_finishes_every_run(tmp_path):
         [DGKIT, "sweep", "--dir", str(sweep), "--algos", "erm", "sam", "--test-domains", "0", "75",
          "--slurm", "--sbatch=--cpus-per-task=1", "--sbatch=--ntasks=1", "--sbatch=--time=00:20:00",
          "--", "--trainer.max_steps", "5", "--model.backbone", "mlp", "--data.track_test", "true",
-         "--trainer.enable_progress_bar", "false"], cwd=tmp_path, capture_output=True, text=True, env=_env(), timeout=120)
+         "--trainer.enable_progress_bar", "false"],
+        cwd=tmp_path, capture_output=True, text=True, env=_env(), timeout=120)
     assert made.returncode == 0, made.stderr
     assert "4 runs; submit with: sbatch" in made.stdout
     array = sbatch(str(sweep / "sweep.sbatch"), cwd=tmp_path)
