@@ -1,0 +1,34 @@
+"""The README's quick start, run exactly as written: its printed figure is what the command prints."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from e2e.command import dgkit
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def quick_start() -> tuple[list[str], str]:
+    """The command of the quick start and the output block that follows it."""
+    section = README.read_text().split("## Quick start", 1)[1]
+    command, output = re.findall(r"```(?:bash)?\n(.*?)```", section, re.S)[:2]
+    return command.split(), output
+
+
+@pytest.mark.slow
+def test_the_quick_start_prints_the_readmes_figure(tmp_path):
+    argv, shown = quick_start()
+    assert argv[0] == "dgkit"
+    result = dgkit(*argv[1:], cwd=tmp_path, timeout=900)
+    assert result.code == 0, result.text[-3000:]
+
+    def essentials(text: str) -> list[str]:  # the rows and the checkpoint, not the box drawing
+        rows = [" ".join(re.findall(r"[\w.%+-]+", line)) for line in text.splitlines()
+                if re.search(r"\d+\.\d\d", line) or line.startswith(("checkpoint:", "ERM on"))]
+        return [r for r in rows if r]
+
+    assert essentials(shown) == essentials(result.out), result.out
