@@ -177,10 +177,13 @@ class DGCLI(LightningCLI):
 
     @staticmethod
     def _file_loggers(config) -> list:
+        """The configured loggers that lay runs out as ``save_dir/name/version`` (CSV,
+        TensorBoard); others (MLflow) keep their own stores."""
         loggers = config.trainer.logger
         if not isinstance(loggers, list):
             return []
-        return [lg for lg in loggers if "init_args" in lg and "save_dir" in lg.init_args]
+        return [lg for lg in loggers if "init_args" in lg
+                and {"save_dir", "name", "version"} <= set(lg.init_args.keys())]
 
     def _loggers_follow_root_dir(self, config) -> None:
         """``--trainer.default_root_dir D`` puts the run in ``D/version_N`` (Lightning's
@@ -195,7 +198,7 @@ class DGCLI(LightningCLI):
     def _log_beside_run(self, config, ckpt: Path) -> None:
         """``dgkit test --ckpt_path D/version_N/checkpoints/X.ckpt`` writes its files to
         ``D/version_N/test-X/``, beside the run it evaluates, not to a new run."""
-        run = ckpt.resolve().parent.parent
+        run = ckpt.parent.parent  # as the user wrote it: the printed paths read the same
         if ckpt.resolve().parent.name != "checkpoints" or not (run / CONFIG_FILE).is_file():
             return  # not a dgkit run folder: Lightning's default versioning
         config.checkpoint.dirpath = str(ckpt.parent)  # the run's, as in its fit
