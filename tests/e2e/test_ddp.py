@@ -4,7 +4,9 @@ processes rendezvousing over 127.0.0.1 as Lightning does on a cluster."""
 
 from __future__ import annotations
 
+import shutil
 import socket
+from pathlib import Path
 
 import pytest
 
@@ -24,14 +26,18 @@ def _table_once(result) -> None:
         assert noise not in result.text, noise
 
 
-def test_two_devices_equal_one_device_on_the_same_global_batch(tmp_path):
-    for folder in ("one", "two"):
-        (tmp_path / folder).mkdir()
-    one = dgkit(*EQUAL, "--data.batch_size=16", cwd=tmp_path / "one")
-    _table_once(one)
-    two = dgkit(*EQUAL, *DDP, "--trainer.devices=2", "--data.batch_size=8", cwd=tmp_path / "two")
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory) -> Path:
+    """The run folder of one process on 16 images per domain."""
+    folder = tmp_path_factory.mktemp("one")
+    _table_once(dgkit(*EQUAL, "--data.batch_size=16", cwd=folder))
+    return folder / "runs" / "version_0"
+
+
+def test_two_devices_equal_one_device_on_the_same_global_batch(tmp_path, one_process):
+    two = dgkit(*EQUAL, *DDP, "--trainer.devices=2", "--data.batch_size=8", cwd=tmp_path)
     _table_once(two)
-    a, b = (results(tmp_path / f / "runs" / "version_0") for f in ("one", "two"))
+    a, b = results(one_process), results(tmp_path / "runs" / "version_0")
     # The test split is padded to an even count across the two ranks (one sample at most).
     assert abs(a["domains"]["75"]["accuracy"] - b["domains"]["75"]["accuracy"]) < 0.005, (a, b)
 
@@ -54,10 +60,9 @@ def test_every_algorithm_fits_and_tests_on_two_processes(alias, tmp_path):
     assert (tmp_path / "runs" / "version_0" / "test_results.json").is_file()
 
 
-def test_evaluation_commands_under_two_processes_write_beside_the_run(tmp_path):
-    fit = dgkit(*EQUAL, "--data.batch_size=16", cwd=tmp_path)
-    _table_once(fit)
+def test_evaluation_commands_under_two_processes_write_beside_the_run(tmp_path, one_process):
     run = tmp_path / "runs" / "version_0"
+    shutil.copytree(one_process, run)
     ckpt = next((run / "checkpoints").glob("best-*.ckpt"))
     tested = dgkit("test", "--ckpt_path", str(ckpt), *DDP, "--trainer.devices=2", *QUIET, cwd=tmp_path)
     _table_once(tested)
