@@ -51,18 +51,19 @@ def read_checkpoint(path: str | os.PathLike, **kwargs: Any) -> dict[str, Any]:
     """A checkpoint's contents, loaded safely (``weights_only``: tensors and plain data,
     never arbitrary objects); a file that is no readable checkpoint is named and refused."""
     path = Path(path)
+
+    def load(**options: Any) -> Any:
+        with warnings.catch_warnings():  # torch's own warning repeats the unsafe advice
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True, **options)
+
     try:
         try:
-            with warnings.catch_warnings():  # torch's own warning repeats the advice
-                warnings.simplefilter("ignore")
-                checkpoint = torch.load(path, map_location="cpu", weights_only=True, **kwargs)
+            checkpoint = load(**kwargs)
         except RuntimeError as exc:
             if not kwargs.get("mmap") or "zipfile" not in str(exc):
                 raise
-            # Not torch's zip format (which mmap needs): read it whole, as safely.
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+            checkpoint = load()  # not torch's zip format, which mmap needs: read it whole
     except FileNotFoundError:
         raise DGKitError(f"no checkpoint file at {str(path)!r}") from None
     except pickle.UnpicklingError as exc:
@@ -223,11 +224,12 @@ class ResumeCheckpoint(Callback):
         if self.requeued:
             return
         if self._previous_handlers:
-            # Every rank acts at the same step, whichever of them got the signal (one
-            # collective for both flags).
-            flags = torch.tensor([float(self._stop_signal), float(self._signalled)],
-                                 device=trainer.strategy.root_device)
-            stop, requeue = (int(v) for v in trainer.strategy.reduce(flags, reduce_op="max").tolist())
+            stop, requeue = self._stop_signal, int(self._signalled)
+            if trainer.world_size > 1:
+                # Every rank acts at the same step, whichever of them got the signal (one
+                # collective for both flags); one process needs no tensor and no device sync.
+                flags = torch.tensor([float(stop), float(requeue)], device=trainer.strategy.root_device)
+                stop, requeue = (int(v) for v in trainer.strategy.reduce(flags, reduce_op="max").tolist())
             if stop:
                 self._stop(trainer, stop)
             if requeue:

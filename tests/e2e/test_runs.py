@@ -74,3 +74,15 @@ def test_the_same_command_twice_gives_the_same_metrics(tmp_path):
     assert a["domains"] == b["domains"]
     assert Path(first / "runs/version_0/metrics.csv").read_text() == \
         Path(second / "runs/version_0/metrics.csv").read_text()
+
+
+def test_the_divergence_check_can_be_turned_off(tmp_path):
+    result = dgkit("fit", "--model.optimizer.lr", "1e6", "--divergence.factor", "0", *SHORT, *QUIET,
+                   cwd=tmp_path)
+    assert result.code == 0 and "diverged" not in result.text, result.text[-3000:]
+
+
+def test_sweep_over_every_domain(tmp_path):
+    result = dgkit("sweep", "--dir", "s", "--algos", "erm", "--test-domains", "all", "--slurm", cwd=tmp_path)
+    assert result.code == 0, result.text[-3000:]
+    assert "6 runs; submit with: sbatch" in result.out  # Rotated MNIST's six domains
