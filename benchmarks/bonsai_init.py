@@ -24,14 +24,14 @@ from lightning import Trainer, seed_everything
 
 from dgkit.data import DomainDataModule
 from dgkit.data.mnist import ColoredMNIST
-from dgkit.module import DGModule, task_dict
+from dgkit.module import DGModule
 from dgkit_algorithms import ERM, Bonsai
 
 
 def fit(algorithm, data: DomainDataModule, steps: int, seed: int, lr: float = 1e-3,
         **module_args) -> tuple[DGModule, Trainer]:
     seed_everything(seed)
-    model = DGModule(algorithm=algorithm, task=task_dict(data.task), backbone="mlp",
+    model = DGModule(algorithm=algorithm, task=data.task, backbone="mlp",
                      optimizer=functools.partial(torch.optim.Adam, lr=lr), **module_args)
     trainer = Trainer(max_steps=steps, logger=False, enable_checkpointing=False,
                       enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)

@@ -23,7 +23,7 @@ import torch
 
 from dgkit.data import DomainDataModule
 from dgkit.data.folders import OfficeHome
-from dgkit.module import DGModule, as_batch, task_dict
+from dgkit.module import DGModule, as_batch
 from dgkit_algorithms import ERM
 
 
@@ -55,7 +55,7 @@ def step_rate(root: str, backbone: str, batch: int, steps: int) -> float:
     dm = DomainDataModule(OfficeHome(root=root), batch_size=batch)
     dm.setup("fit")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = DGModule(algorithm=ERM, task=task_dict(dm.task), backbone=backbone).to(device)
+    model = DGModule(algorithm=ERM, task=dm.task, backbone=backbone).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=5e-5)
     b, _, _ = next(iter(dm.train_dataloader()))
     batch_ = as_batch([(x.to(device), y.to(device)) for x, y in b])

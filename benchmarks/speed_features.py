@@ -20,7 +20,7 @@ from lightning import Trainer, seed_everything
 from step_time import StepTimer
 
 from dgkit.data import DomainDataModule
-from dgkit.module import DGModule, task_dict
+from dgkit.module import DGModule
 from dgkit.plugins import registry
 
 VARIANTS = {  # name -> (module options, trainer options, batch divisor)
@@ -44,7 +44,7 @@ def run(algo: str, variant: str, args: argparse.Namespace) -> float | None:
     seed_everything(0)
     dataset = registry("dataset").get(args.data).obj()
     data = DomainDataModule(dataset, batch_size=args.batch_size // divisor)
-    model = DGModule(algorithm=registry("algorithm").get(algo).obj, task=task_dict(data.task),
+    model = DGModule(algorithm=registry("algorithm").get(algo).obj, task=data.task,
                      backbone=args.backbone, optimizer=functools.partial(torch.optim.SGD, lr=0.01),
                      **module_options)
     timer = StepTimer(skip=args.warmup * divisor)

@@ -22,7 +22,7 @@ import torch
 from lightning import Callback, Trainer, seed_everything
 
 from dgkit.data import DomainDataModule
-from dgkit.module import DGModule, task_dict
+from dgkit.module import DGModule
 from dgkit.plugins import registry
 
 # Theoretical cost in ERM steps (one forward + one backward); see ../shared/algorithms-1.md.
@@ -62,7 +62,7 @@ def step_time(algo: str, args: argparse.Namespace) -> tuple[float, float]:
                             unlabeled=UNLABELED.get(algo, "none"))
     cls = registry("algorithm").get(algo).obj
     model = DGModule(algorithm=functools.partial(cls, **HPARAMS.get(algo, {})),
-                     task=task_dict(data.task), backbone=args.backbone)
+                     task=data.task, backbone=args.backbone)
     timer = StepTimer(skip=args.warmup)
     trainer = Trainer(max_steps=args.warmup + args.steps, limit_val_batches=0, logger=False,
                       enable_checkpointing=False, enable_progress_bar=False,

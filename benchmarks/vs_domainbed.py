@@ -35,7 +35,7 @@ from lightning import Callback, Trainer, seed_everything
 
 from dgkit.data import DomainDataModule
 from dgkit.data.mnist import RotatedMNIST
-from dgkit.module import DGModule, task_dict
+from dgkit.module import DGModule
 from dgkit.plugins import registry
 
 
@@ -56,7 +56,7 @@ def dgkit_steps(algo: str, args: argparse.Namespace) -> list[float]:
     data = DomainDataModule(RotatedMNIST(), test_domains=["0"], batch_size=args.batch_size)
     model = DGModule(algorithm=functools.partial(registry("algorithm").get(algo).obj, **(
                          {"rho": args.rho} if algo == "sam" else {})),
-                     task=task_dict(data.task), backbone="mnist_cnn",
+                     task=data.task, backbone="mnist_cnn",
                      optimizer=functools.partial(torch.optim.Adam, lr=1e-3, weight_decay=0.0))
     timer = BatchToBatch()
     trainer = Trainer(max_steps=args.warmup + args.steps + 1, limit_val_batches=0, logger=False,

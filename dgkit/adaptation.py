@@ -1,5 +1,9 @@
 """The test-time stage: runs an algorithm's ``adapt`` over each evaluation stream, restoring
 the trained state between streams, and picks test-time hyperparameters on source data.
+
+:class:`TestTimeStage` owns the trained-state snapshot and the streams;
+:class:`TestTimeAdaptation` is the Lightning callback that opens and closes it around
+validation, test and predict, and gives it the source data.
 """
 
 from __future__ import annotations
@@ -10,10 +14,14 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Literal
 
 import torch
+from lightning import Callback, LightningModule, Trainer
 from torch import Tensor
 
 from dgkit.algorithm import Algorithm
-from dgkit.errors import ConfigError
+from dgkit.distributed import average_gradients
+from dgkit.errors import ConfigError, DGKitError, check_choice
+from dgkit.heads import validation_loaders
+from dgkit.results import ResultsContributor
 
 Reset = Literal["domain", "batch"]
 
@@ -30,8 +38,7 @@ class TestTimeStage:
     __test__ = False  # not a pytest test class, despite its name
 
     def __init__(self, algorithm: Algorithm, reset: Reset = "domain"):
-        if reset not in ("domain", "batch"):
-            raise ConfigError("model.adaptation", f"{reset!r}", "domain, batch")
+        check_choice(reset, Reset, "model.adaptation")
         self.algorithm, self.reset = algorithm, reset
         self._trained: dict[str, Any] | None = None
         self._stream: Any = None
@@ -113,6 +120,77 @@ def _public_attributes(algo: Algorithm) -> list[str]:
             if not n.startswith("_") and isinstance(v, (int, float, str, bool))]
 
 
+class TestTimeAdaptation(Callback, ResultsContributor):
+    """Runs the test-time stage of an algorithm that ``adapts_at_test`` during test and
+    predict (and validation with ``adapt_validation``); with ``grid``, first picks its
+    test-time hyperparameters by adapted accuracy on source validation streams. While the
+    stage is open the module predicts through it (``pl_module.test_time``)."""
+
+    __test__ = False
+
+    def __init__(self, algorithm: Algorithm, reset: Reset = "domain", adapt_validation: bool = False,
+                 grid: Mapping[str, list] | None = None):
+        self.stage = TestTimeStage(algorithm, reset)
+        self.adapt_validation, self.grid = adapt_validation, grid
+        self.selection: dict | None = None
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if self.stage.algorithm.needs_grad_at_test:
+            # The stage takes gradients: evaluate under no_grad (which adapt() lifts with
+            # enable_grad) instead of inference_mode, whose tensors refuse autograd. No public
+            # switch per loop exists (Trainer(inference_mode=...) is set before the model).
+            for loop in (trainer.validate_loop, trainer.test_loop, trainer.predict_loop,
+                         trainer.fit_loop.epoch_loop.val_loop):
+                loop.inference_mode = False
+
+    def _open(self, trainer: Trainer, pl_module: LightningModule, include_holdout: bool) -> None:
+        datamodule = trainer.datamodule
+        algorithm = self.stage.algorithm
+        if datamodule is None or not hasattr(datamodule, "source_eval_dataloader"):
+            raise DGKitError(f"{type(algorithm).__name__} adapts at test time and needs the "
+                             "source domains: evaluate with a DomainDataModule (datamodule=...)")
+
+        def source():
+            for x, y, *_ in datamodule.source_eval_dataloader(include_holdout):
+                yield x.to(pl_module.device), y.to(pl_module.device)
+
+        self.stage.begin(source)
+        pl_module.test_time = self.stage
+
+    def _close(self, pl_module: LightningModule) -> None:
+        self.stage.end()
+        pl_module.test_time = None
+
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.adapt_validation:
+            self._open(trainer, pl_module, include_holdout=False)  # never the validation samples
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._close(pl_module)
+
+    def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.grid:
+            self._open(trainer, pl_module, include_holdout=False)
+            streams = validation_loaders(trainer, "val", "--model.tta_grid selects")
+            chosen, scores = select_hyperparameters(self.stage, self.grid, streams)
+            self._close(pl_module)
+            self.selection = {"chosen": chosen, "validation_accuracy": [
+                {"config": c, "accuracy": a} for c, a in scores]}
+        self._open(trainer, pl_module, include_holdout=True)
+
+    def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._close(pl_module)
+
+    def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._open(trainer, pl_module, include_holdout=True)
+
+    def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._close(pl_module)
+
+    def results_entries(self) -> dict[str, Any]:
+        return {"test_time_selection": self.selection} if self.selection else {}
+
+
 class TestOptimizerState:
     """Mixin for algorithms that own an optimizer used only at test time (ITTA's adaptive
     parameters, DRM's head retraining): its state travels in the module's state dict, so
@@ -123,6 +201,16 @@ class TestOptimizerState:
 
     def _new_test_optimizer(self) -> torch.optim.Optimizer:
         raise NotImplementedError
+
+    def test_time_step(self, loss: Tensor, params: list[Tensor], across_ranks: bool = True) -> None:
+        """One update of the test optimizer on ``loss`` w.r.t. ``params``; with
+        ``across_ranks``, the ranks of a DDP evaluation update as one, on the global batch
+        (every rank must then call it equally often)."""
+        self._test_optimizer.zero_grad(set_to_none=True)
+        loss.backward(inputs=params)
+        if across_ranks:
+            average_gradients(params)
+        self._test_optimizer.step()
 
     def get_extra_state(self) -> dict:
         return {"test_optimizer": self._test_optimizer.state_dict()}

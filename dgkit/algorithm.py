@@ -1,8 +1,12 @@
 """The contract every dgkit algorithm implements.
 
-An algorithm is an ``nn.Module`` holding its networks and its research logic only. The
+An algorithm is an ``nn.Module`` holding its networks and its research logic. The
 ``DGModule`` (a LightningModule) owns the loop, devices, precision, optimizers,
-schedulers, logging and checkpoints. Two ways to train:
+schedulers, logging and checkpoints.
+
+The core, which every algorithm has: ``__init__(task, backbone, **hyperparameters)``
+builds the networks; ``forward(x)`` returns logits (what validation, test and predict
+use); and one way to train:
 
 * automatic optimization (the default): implement ``training_loss(batch)`` and return a
   loss (or a dict with a ``"loss"`` key plus extra values to log);
@@ -11,7 +15,16 @@ schedulers, logging and checkpoints. Two ways to train:
   ``opt.backward(loss)``, ``opt.step()``, ``opt.zero_grad()``, ``opt.no_sync()``.
   Never call Lightning or ``optimizer.step()`` directly.
 
-``forward(x)`` returns logits and is what validation, test and predict use.
+Opt-in protocols, each a group of methods with defaults that do nothing:
+
+* optimizers: ``parameter_groups``, ``extra_optimizers`` (manual optimization);
+* stages: ``stage_name``, ``end_stage``, ``on_validation_metrics`` (several networks
+  trained one after another; under DDP the module lets parameters sit out steps);
+* representation: ``representation``, ``classifiers`` (``--model.init_from``);
+* test time: ``adapts_at_test``, ``needs_grad_at_test``, ``prepare_adaptation``, ``adapt``;
+* heads: ``num_heads``, ``head_logits``, ``selection_stream``, ``choose_head``.
+
+:class:`Wrapper` forwards all of them to a base algorithm (AdaNPC on any base).
 """
 
 from __future__ import annotations
@@ -19,13 +32,13 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
-from dgkit.distributed import average_gradients
-from dgkit.errors import DGKitError
+from dgkit.distributed import average_gradients, world_size
+from dgkit.errors import ConfigError, DGKitError
 from dgkit.networks import Backbone, Featurizer
 from dgkit.task import Task
 
@@ -84,16 +97,29 @@ class Optimization:
                  step: Callable[[Optimizer], None], no_sync: Callable[[], contextlib.AbstractContextManager]):
         self.optimizers = optimizers
         self._backward, self._step, self._no_sync = backward, step, no_sync
+        self._unsynced = 0  # depth of no_sync() blocks the algorithm opened
 
     @property
     def optimizer(self) -> Optimizer:
         """The main optimizer (the one built from ``--model.optimizer``)."""
         return self.optimizers[0]
 
-    def backward(self, loss: Tensor, **kwargs) -> None:
+    def backward(self, loss: Tensor, inputs: Iterable[Tensor] | None = None, **kwargs) -> None:
         """``loss.backward`` through Lightning (precision, DDP); ``inputs=[...]`` restricts
-        which tensors receive gradients."""
-        self._backward(loss, **kwargs)
+        which tensors receive gradients. Under DDP, a restricted backward outside
+        :meth:`no_sync` averages those gradients across ranks itself (DDP's own all-reduce
+        expects every parameter), so several backward passes over different parameters in
+        one step each end synced."""
+        if inputs is None:
+            self._backward(loss, **kwargs)
+            return
+        inputs = list(inputs)
+        if self._unsynced or world_size() == 1:
+            self._backward(loss, inputs=inputs, **kwargs)
+            return
+        with self._no_sync():
+            self._backward(loss, inputs=inputs, **kwargs)
+        average_gradients(inputs)
 
     def step(self, optimizer: Optimizer | None = None) -> None:
         """Clip (if configured) and step ``optimizer`` (default: the main one)."""
@@ -102,9 +128,15 @@ class Optimization:
     def zero_grad(self, optimizer: Optimizer | None = None) -> None:
         (optimizer or self.optimizer).zero_grad(set_to_none=True)
 
-    def no_sync(self) -> contextlib.AbstractContextManager:
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
         """Context in which backward passes do not all-reduce gradients under DDP."""
-        return self._no_sync()
+        self._unsynced += 1
+        try:
+            with self._no_sync():
+                yield
+        finally:
+            self._unsynced -= 1
 
     def average_gradients(self, params: Iterable[Tensor]) -> None:
         """Average these parameters' gradients across DDP ranks (nothing on one device):
@@ -120,18 +152,14 @@ class Algorithm(nn.Module):
     further keyword is a hyperparameter, exposed as ``--model.algorithm.<name>``.
     """
 
-    manual_optimization: ClassVar[bool] = False
+    manual_optimization: bool = False
     #: ``adapt`` differs from ``forward``: evaluation runs the test-time stage.
-    adapts_at_test: ClassVar[bool] = False
+    adapts_at_test: bool = False
     #: ``adapt`` takes gradients, so evaluation must run outside ``torch.inference_mode``.
-    needs_grad_at_test: ClassVar[bool] = False
-    #: some parameters take no part in some steps' backward (one model trained at a time,
-    #: a network updated by its own pass): under DDP the module turns on
-    #: ``find_unused_parameters`` so gradients still all-reduce.
-    unused_parameters: ClassVar[bool] = False
+    needs_grad_at_test: bool = False
     #: backpropagates through a gradient of the featurizer (double backward), which
-    #: ``torch.compile`` cannot: ``--model.compile`` is refused.
-    differentiates_twice: ClassVar[bool] = False
+    #: ``torch.compile`` cannot and fp16 makes unstable: both are refused.
+    differentiates_twice: bool = False
     #: hypotheses the algorithm keeps; above 1, ``head_logits`` gives each one's logits and
     #: the module logs per-head metrics.
     num_heads: int = 1
@@ -169,6 +197,17 @@ class Algorithm(nn.Module):
         """``[B, num_heads, C]`` logits of every hypothesis."""
         return self(x).unsqueeze(1)
 
+    def selection_stream(self) -> str | None:
+        """The labelled validation stage (``val``, ``oracle``) whose batches
+        :meth:`choose_head` takes before testing; None: no head to choose."""
+        return None
+
+    def choose_head(self, batches: list[tuple[Tensor, Tensor]]) -> dict:
+        """Pick the head ``forward`` predicts with from labelled ``(x, y)`` batches; return
+        what the results should say about the choice."""
+        raise NotImplementedError(f"{type(self).__name__} names a selection_stream() and must "
+                                  "implement choose_head(batches)")
+
     # --- test-time stage (see dgkit/adaptation.py) ----------------------------------
     def prepare_adaptation(self, source: Callable[[], Iterable[tuple[Tensor, Tensor]]]) -> None:
         """Called once before an evaluation with adaptation, before the trained state is
@@ -183,17 +222,23 @@ class Algorithm(nn.Module):
         """
         return self(x)
 
-    # --- multi-stage training (Bonsai's rounds) -----------------------------------------
+    # --- multi-stage training (Bonsai's rounds, D-BAT's members) ------------------------
     def stage_name(self) -> str | None:
         """The stage the current step (``self.progress``) belongs to, or None for one-stage
         algorithms. Derive it from the step count so a resumed run finds its stage; the
-        module checkpoints the end of every stage as ``stage-<name>.ckpt``."""
+        end of every stage is checkpointed as ``stage-<name>.ckpt``. A staged algorithm
+        trains part of its parameters at a time, so DDP runs with
+        ``find_unused_parameters``."""
         return None
 
-    def end_stage(self, name: str) -> None:
+    @property
+    def trains_in_stages(self) -> bool:
+        return self.stage_name() is not None
+
+    def end_stage(self, name: str) -> str | None:
         """Called once when stage ``name`` is over: before the next stage's first step,
         and at the end of the fit for the last one (e.g. restore the stage's selected
-        snapshot, freeze it)."""
+        snapshot, freeze it). May return a line for the log."""
 
     def on_validation_metrics(self, metrics: Mapping[str, float]) -> None:
         """The ``val/*`` results of each validation during fit (already reduced across
@@ -231,3 +276,69 @@ class Algorithm(nn.Module):
 
     def named_trainable(self) -> Iterator[tuple[str, nn.Parameter]]:
         return ((n, p) for n, p in self.named_parameters() if p.requires_grad)
+
+
+class Wrapper(Algorithm):
+    """An algorithm around a ``base`` one (``--model.algorithm.base ALIAS``): everything
+    the subclass does not override -- training, optimizers, progress, stages, heads and
+    their selection, the representation -- is the base's, so any base keeps working
+    inside it. Errors in the base's settings name them under ``model.algorithm.base``."""
+
+    def __init__(self, task: Task, backbone: Backbone, base: Callable[[Task, Backbone], Algorithm]):
+        super().__init__(task, backbone)
+        try:
+            self.base = base(task, backbone)
+        except ConfigError as exc:
+            raise exc.under("model.algorithm", "model.algorithm.base") from None
+        self.base.progress = self.progress  # one clock: the base's schedule follows the run
+        self.manual_optimization = self.base.manual_optimization
+        self.differentiates_twice = self.base.differentiates_twice
+        self.num_heads = self.base.num_heads
+        if type(self).adapt is Wrapper.adapt:  # the base's own test-time stage, if any
+            self.adapts_at_test = self.base.adapts_at_test
+            self.needs_grad_at_test = self.base.needs_grad_at_test
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.base(x)
+
+    def training_loss(self, batch: Batch) -> StepOutput:
+        return self.base.training_loss(batch)
+
+    def training_update(self, batch: Batch, opt: Optimization) -> StepOutput:
+        return self.base.training_update(batch, opt)
+
+    def parameter_groups(self) -> Iterable[nn.Parameter] | list[dict]:
+        return self.base.parameter_groups()
+
+    def extra_optimizers(self, make: Callable[..., Optimizer]) -> list[Optimizer]:
+        return self.base.extra_optimizers(make)
+
+    def stage_name(self) -> str | None:
+        return self.base.stage_name()
+
+    def end_stage(self, name: str) -> str | None:
+        return self.base.end_stage(name)
+
+    def on_validation_metrics(self, metrics: Mapping[str, float]) -> None:
+        self.base.on_validation_metrics(metrics)
+
+    def head_logits(self, x: Tensor) -> Tensor:
+        return self.base.head_logits(x)
+
+    def selection_stream(self) -> str | None:
+        return self.base.selection_stream()
+
+    def choose_head(self, batches: list[tuple[Tensor, Tensor]]) -> dict:
+        return self.base.choose_head(batches)
+
+    def representation(self) -> tuple[Featurizer, nn.Module | None]:
+        return self.base.representation()
+
+    def classifiers(self) -> dict[str, nn.Module]:
+        return {f"base.{name}": m for name, m in self.base.classifiers().items()}
+
+    def prepare_adaptation(self, source: Callable[[], Iterable[tuple[Tensor, Tensor]]]) -> None:
+        self.base.prepare_adaptation(source)
+
+    def adapt(self, x: Tensor) -> Tensor:
+        return self.base.adapt(x)

@@ -1,11 +1,7 @@
 """Checkpoints that survive being killed: atomic writes, a resume checkpoint kept fresh
 during training, and Slurm's pre-emption warning turned into a checkpoint and a requeue.
 
-- :class:`AtomicCheckpointIO` writes every checkpoint (best, last, stage, Slurm) to a
-  temporary file in the same folder and renames it over the old one, so no reader ever
-  takes half a file for the latest. (Lightning's own writer stages the file in the
-  system's temporary folder and moves it, which is a copy when that folder is on
-  another file system, as it is on clusters.)
+- every checkpoint is written atomically and read safely (``dgkit.checkpoint_io``);
 - :class:`ResumeCheckpoint` keeps ``last.ckpt`` at most ``every_n_steps`` behind, after
   every validation and at the end; the file holds everything an exact resume needs
   (weights, optimizers, schedulers, loops, the data position and the RNG states).
@@ -20,101 +16,24 @@ during training, and Slurm's pre-emption warning turned into a checkpoint and a 
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import os
-import pickle
-import re
 import signal
 import socket
 import subprocess
-import tempfile
-import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning import Callback, LightningModule, Trainer
-from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from dgkit.errors import ConfigError, DGKitError, RunStopped
-from dgkit.results import file_mode
+from dgkit.errors import ConfigError, RunStopped
 
 RESUME_FILE = "last.ckpt"
 LOCK_FILE = ".running"  # "host pid" of the process training in a run folder
 METRICS_FILE = "metrics.csv"
-
-
-def read_checkpoint(path: str | os.PathLike, **kwargs: Any) -> dict[str, Any]:
-    """A checkpoint's contents, loaded safely (``weights_only``: tensors and plain data,
-    never arbitrary objects); a file that is no readable checkpoint is named and refused."""
-    path = Path(path)
-
-    def load(**options: Any) -> Any:
-        with warnings.catch_warnings():  # torch's own warning repeats the unsafe advice
-            warnings.simplefilter("ignore")
-            return torch.load(path, map_location="cpu", weights_only=True, **options)
-
-    try:
-        try:
-            checkpoint = load(**kwargs)
-        except RuntimeError as exc:
-            if not kwargs.get("mmap") or "zipfile" not in str(exc):
-                raise
-            checkpoint = load()  # not torch's zip format, which mmap needs: read it whole
-    except FileNotFoundError:
-        raise DGKitError(f"no checkpoint file at {str(path)!r}") from None
-    except pickle.UnpicklingError as exc:
-        # torch's advice here is to load with weights_only=False: never for a file of
-        # unknown origin, so only its reason is kept.
-        reason = re.search(r"WeightsUnpickler error: ([^.]*)", str(exc))
-        if "Unsupported global" not in str(exc):  # not even a pickle torch can read
-            raise _damaged(path, reason.group(1) if reason else "not a pickle") from None
-        raise DGKitError(f"{path} is not a dgkit checkpoint: it holds data that a safe load refuses "
-                         f"({reason.group(1) if reason else 'not tensors and plain data'}), and loading "
-                         "it unsafely could run code from it. Use a .ckpt written by `dgkit fit`.") from None
-    except (RuntimeError, EOFError, ValueError, OSError) as exc:
-        raise _damaged(path, " ".join(str(exc).split())[:200]) from None
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise DGKitError(f"{path} is not a Lightning checkpoint (no state_dict); use a .ckpt "
-                         "written by `dgkit fit`")
-    return checkpoint
-
-
-def _damaged(path: Path, detail: str) -> DGKitError:
-    others = sorted(p.name for p in path.parent.glob("*.ckpt") if p != path) if path.parent.is_dir() else []
-    listing = f" Other checkpoints in {path.parent}: {', '.join(others)}." if others else ""
-    return DGKitError(f"{path} is not a readable checkpoint (truncated, damaged or another kind of file: "
-                      f"{detail}).{listing}")
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    def load_checkpoint(self, path: Any, map_location: Any = None,
-                        weights_only: bool | None = None) -> dict[str, Any]:
-        if weights_only is False:  # asked for explicitly by the caller
-            return super().load_checkpoint(path, map_location=map_location, weights_only=False)
-        return read_checkpoint(path)
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any,
-                        storage_options: Any | None = None) -> None:
-        if storage_options is not None:
-            raise TypeError(f"{type(self).__name__} takes no storage_options")
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                torch.save(checkpoint, fh)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.chmod(tmp, file_mode())  # as the run's other files, not mkstemp's 0600
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
 
 
 def _count_rows(trainer: Trainer) -> int | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import typing
 from collections.abc import Iterable
 
 
@@ -14,13 +15,20 @@ class ConfigError(DGKitError, ValueError):
     """A setting has a value dgkit cannot use."""
 
     def __init__(self, parameter: str, problem: str, allowed: str | Iterable[object] | None = None):
-        self.parameter = parameter
+        if allowed is not None and not isinstance(allowed, str):
+            allowed = ", ".join(str(a) for a in allowed)
+        self.parameter, self.problem, self.allowed = parameter, problem, allowed
         message = f"{parameter}: {problem}"
         if allowed is not None:
-            if not isinstance(allowed, str):
-                allowed = ", ".join(str(a) for a in allowed)
             message += f" (allowed: {allowed})"
         super().__init__(message)
+
+    def under(self, section: str, nested: str) -> ConfigError:
+        """The same error for a setting that lives one level down: an algorithm built as
+        another's ``base`` names ``model.algorithm.base.rho``, not ``model.algorithm.rho``."""
+        if self.parameter != section and not self.parameter.startswith(section + "."):
+            return self
+        return ConfigError(nested + self.parameter[len(section):], self.problem, self.allowed)
 
 
 class UnknownAliasError(DGKitError, KeyError):
@@ -40,6 +48,15 @@ class UnknownAliasError(DGKitError, KeyError):
 
 class PluginError(DGKitError):
     """A plugin failed to import or raised inside one of its hooks."""
+
+
+def check_choice(value: object, choices: object, parameter: str) -> None:
+    """Raise a ConfigError naming ``parameter`` unless ``value`` is one of ``choices``: the
+    ``Literal[...]`` type of the parameter itself (so the values are written once) or any
+    iterable of values."""
+    allowed = typing.get_args(choices) or tuple(choices)  # type: ignore[call-overload]
+    if value not in allowed:
+        raise ConfigError(parameter, f"{value!r}", ", ".join(str(a) for a in allowed))
 
 
 def check(condition: bool, parameter: str, problem: str, allowed: str | None = None) -> None:

@@ -13,7 +13,8 @@ import inspect
 import re
 from collections.abc import Callable
 
-from dgkit.errors import DGKitError
+from dgkit.errors import ConfigError, DGKitError
+from dgkit.plugins import qualified_name, registry
 
 _UNION = "Does not validate against any of the Union subtypes"
 _CALLABLE_PREFIX = re.compile(r"Type [^:]*? expects a function or a callable class: ")
@@ -94,7 +95,7 @@ def algorithm_help(alias: str, cls: type) -> str:
 
     docs = {p.arg_name: " ".join((p.description or "").split())
             for p in parse(cls.__init__.__doc__ or "").params}
-    lines = [f"{alias} ({cls.__module__}.{cls.__qualname__}): "
+    lines = [f"{alias} ({qualified_name(cls)}): "
              f"{' '.join((cls.__doc__ or '').split())}", "", f"Options of {alias}:"]
     params = [p for p in inspect.signature(cls).parameters.values()
               if p.name not in ("task", "backbone") and p.kind is not p.VAR_KEYWORD]
@@ -118,3 +119,13 @@ def built_by_parser(exc: BaseException) -> str | None:
     errors = re.findall(r"^  - (.*)$", message.split("Errors:", 1)[1], re.M)
     said = [e for e in errors if not e.startswith(("Expected a <class", "Not a valid subclass", "Type "))]
     return " ".join(said[0].split()) if said else None
+
+
+def algorithm_mismatch(path: str, written_by: str, wanted: str, asked: str) -> DGKitError:
+    """The error for a checkpoint of another algorithm (qualified class names, shown by
+    alias); ``asked`` says who wants ``wanted``: "this run builds", "--algo asks for"."""
+    aliases = {e.target: e.alias for e in registry("algorithm")}
+    theirs, mine = aliases.get(written_by, written_by), aliases.get(wanted, wanted)
+    return ConfigError("ckpt_path", f"{path} was written by {theirs}, but {asked} {mine}",
+                       f"a checkpoint of {mine}; or no --algo (or --algo {theirs}) to use this one as "
+                       f"{theirs}; or --model.init_from {path} to start {mine} from its representation")

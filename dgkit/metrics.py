@@ -11,20 +11,23 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 from torchmetrics.utilities import dim_zero_cat
 
 from dgkit.hookspecs import hookimpl
+from dgkit.plugins import register, registered_in
 from dgkit.task import Task
 
 
+@register("accuracy")
 def accuracy(task: Task) -> Metric:
     return MulticlassAccuracy(num_classes=task.num_classes, average="micro")
 
 
+@register("macro_f1")
 def macro_f1(task: Task) -> Metric:
     return MulticlassF1Score(num_classes=task.num_classes, average="macro")
 
 
 @hookimpl
 def dgkit_metrics():
-    return {"accuracy": accuracy, "macro_f1": macro_f1}
+    return registered_in(__name__)
 
 
 class OfficialEvaluation(Metric):

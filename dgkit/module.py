@@ -1,30 +1,36 @@
-"""DGModule: the one LightningModule that trains, evaluates and checkpoints any Algorithm."""
+"""DGModule: the one LightningModule that trains, evaluates and checkpoints any Algorithm.
+
+It holds the training step and the optimizer wiring. What an algorithm opts into is a
+component the module composes (Lightning callbacks, see ``configure_callbacks``): the
+progress clock and stages (``dgkit.stages``), head selection (``dgkit.heads``), the
+test-time stage (``dgkit.adaptation``) and ``init_from`` (``dgkit.representation``); the
+per-stream metrics are ``dgkit.evaluation``. Data facts reach it through the ``Task``.
+"""
 
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Callable, Mapping
-from dataclasses import asdict
 from typing import Any, Literal
 
 import torch
-from lightning import LightningModule
+from lightning import Callback, LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
-from torchmetrics import MetricCollection
 
-from dgkit.adaptation import TestTimeStage, select_hyperparameters
+from dgkit.adaptation import TestTimeAdaptation, TestTimeStage
 from dgkit.algorithm import Algorithm, Batch, Optimization
 from dgkit.errors import ConfigError, DGKitError
-from dgkit.metrics import OfficialEvaluation
-from dgkit.metrics import accuracy as accuracy_metric
-from dgkit.networks import Backbone, Featurizer
-from dgkit.plugins import registry
-from dgkit.representation import CHECKPOINT_KEY, load_representation, representation_prefixes
-from dgkit.resume import rng_states, set_rng_states
+from dgkit.evaluation import UNADAPTED, StreamMetrics
+from dgkit.explain import algorithm_mismatch
+from dgkit.heads import HeadSelection
+from dgkit.networks import Backbone, speed_up
+from dgkit.plugins import qualified_name, registry
+from dgkit.representation import CHECKPOINT_KEY, InitFrom, representation_prefixes
+from dgkit.rng import rng_states, set_rng_states
+from dgkit.stages import Stages
 from dgkit.task import Task
 
 AlgorithmFactory = Callable[[Task, Backbone], Algorithm]
@@ -100,8 +106,12 @@ class DGModule(LightningModule):
             raise ConfigError("model.task", "the model needs the data's task (input shape, "
                               "classes, domains)", "DomainDataModule(...).task")
         self.task = Task(**task) if isinstance(task, Mapping) else task
+        self.hparams["task"] = self.task.to_dict()  # plain data in the checkpoint
         if clip_grad_norm is not None and clip_grad_norm <= 0:
             raise ConfigError("model.clip_grad_norm", f"{clip_grad_norm}", "> 0 or null")
+        if freeze_featurizer and init_from is None:
+            raise ConfigError("model.freeze_featurizer", "freezes a random featurizer",
+                              "together with --model.init_from CKPT")
         _check_optimizer(optimizer)
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
         self.backbone_spec = Backbone(backbone, pretrained, dropout, freeze_bn)
@@ -110,60 +120,29 @@ class DGModule(LightningModule):
             raise ConfigError("model.algorithm", f"{type(self.algorithm).__name__} is not a "
                               "dgkit Algorithm", "subclasses of dgkit.Algorithm")
         self.automatic_optimization = not self.algorithm.manual_optimization
-        self._speed_up(channels_last, compile)
-        # Lightning's model summary measures FLOPs (and sizes) on it.
-        self.example_input_array = torch.zeros(1, *self.task.input_shape)
-
-        metric_names = metrics or ["accuracy"]
-        factories = {name: registry("metric").get(name).obj for name in metric_names}
-        # Evaluation streams by stage, as the task names them: by default ``val`` (source
-        # out-splits: training-domain validation), ``oracle`` (target out-splits: test-domain
-        # oracle), ``test`` (target in-splits); ``crafted``/``heldout`` or a benchmark's
-        # official splits when the data module adds them; with a test-time stage also
-        # ``test_unadapted`` (the same model without it).
-        domains = dict(self.task.stages)
-        if self.algorithm.adapts_at_test:
-            domains["test_unadapted"] = domains["test"]
-        self.domain_metrics = nn.ModuleDict({
-            stage: nn.ModuleList(
-                MetricCollection({n: f(self.task) for n, f in factories.items()})
-                for _ in domains[stage])
-            for stage in domains
-        })
-        self._stage_domains = domains
-        self._updated: set[tuple[str, int]] = set()
-        # Several hypotheses (DRM, DivDis, D-BAT): each head's accuracy beside the result.
-        self.head_metrics = nn.ModuleDict({
-            stage: nn.ModuleList(
-                MetricCollection({f"accuracy_head{h}": accuracy_metric(self.task)
-                                  for h in range(self.algorithm.num_heads)})
-                for _ in domains[stage])
-            for stage in domains if stage != "test_unadapted"
-        }) if self.algorithm.num_heads > 1 else None
-        self.tta = TestTimeStage(self.algorithm, adaptation)
-        self.tta_selection: dict | None = None
-        self.head_selection: dict | None = None
-        self.init_report: dict | None = None
-        self._official_added = False
-        if freeze_featurizer and init_from is None:
-            raise ConfigError("model.freeze_featurizer", "freezes a random featurizer",
-                              "together with --model.init_from CKPT")
-        self._stage: str | None = None
-        #: finished stages of a multi-stage algorithm: name, step and checkpoint file
-        self.stages: list[dict] = []
-
-    def _speed_up(self, channels_last: bool, compile: bool) -> None:
-        featurizers = [m for m in self.algorithm.modules() if isinstance(m, Featurizer)]
         if compile and self.algorithm.differentiates_twice:
             raise ConfigError("model.compile", f"{type(self.algorithm).__name__} differentiates "
                               "twice through its featurizer, which torch.compile does not support",
                               "false for this algorithm")
-        for featurizer in featurizers:
-            if channels_last:
-                featurizer.to(memory_format=torch.channels_last)
-                featurizer.register_forward_pre_hook(_to_channels_last)
-            if compile:
-                featurizer.compile()
+        speed_up(self.algorithm, channels_last, compile)
+        # Lightning's model summary measures FLOPs (and sizes) on it.
+        self.example_input_array = torch.zeros(1, *self.task.input_shape)
+        self.metrics = StreamMetrics(self.task, metrics or ["accuracy"], self.algorithm.num_heads,
+                                     unadapted=self.algorithm.adapts_at_test)
+        #: the open test-time stage while one runs (set by TestTimeAdaptation)
+        self.test_time: TestTimeStage | None = None
+        # Made once: Lightning asks configure_callbacks again for every fit/test call, and
+        # their state (finished stages, choices made) must outlive each.
+        self.components: list[Callback] = [Stages(), HeadSelection()]
+        if self.algorithm.adapts_at_test:
+            self.components.append(TestTimeAdaptation(self.algorithm, adaptation, adapt_validation, tta_grid))
+        if init_from is not None:
+            self.components.append(InitFrom(init_from, freeze_featurizer))
+
+    def configure_callbacks(self) -> list[Callback]:
+        # Asked again by every trainer.fit/test: the components already attached stay.
+        attached = self.trainer.callbacks
+        return [c for c in self.components if all(c is not a for a in attached)]
 
     # --- optimization -----------------------------------------------------------------
     def configure_optimizers(self) -> Any:
@@ -175,7 +154,8 @@ class DGModule(LightningModule):
         if self.lr_scheduler_factory is None:
             return [main, *extra]
         scheduler = {"scheduler": self.lr_scheduler_factory(main),
-                     "interval": self.hparams.scheduler_interval, "monitor": "val/accuracy"}
+                     "interval": self.hparams.scheduler_interval,
+                     "monitor": self.task.selection_metric}
         return [main, *extra], [scheduler]
 
     def _make_optimizer(self, params: Any, lr_scale: float = 1.0, **overrides: Any
@@ -221,67 +201,29 @@ class DGModule(LightningModule):
             return
         scheduler = self.lr_schedulers()
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            value = self.trainer.callback_metrics.get("val/accuracy")
+            value = self.trainer.callback_metrics.get(self.task.selection_metric)
             if value is not None:
                 scheduler.step(value)
         else:
             scheduler.step()
 
     # --- training ---------------------------------------------------------------------
-    def on_train_start(self) -> None:
-        self.algorithm.progress.total_steps = int(self.trainer.estimated_stepping_batches)
-
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        self.algorithm.progress.step = self.global_step
-        self.algorithm.progress.epoch = self.current_epoch
-        stage = self.algorithm.stage_name()
-        if self._stage is not None and stage != self._stage:
-            self._finish_stage(self._stage)
-        self._stage = stage
-
-    def on_train_end(self) -> None:
-        if self._stage is not None and not self.trainer.interrupted:
-            self._finish_stage(self._stage)
-            self._stage = None
-
-    def _finish_stage(self, name: str) -> None:
-        """End a stage of a multi-stage algorithm and keep its model as a checkpoint."""
-        self.algorithm.end_stage(name)
-        record = {"stage": name, "step": self.global_step, "checkpoint": None}
-        callback = self.trainer.checkpoint_callback
-        if callback is not None and callback.dirpath:
-            path = os.path.join(callback.dirpath, f"stage-{name}.ckpt")
-            self.trainer.save_checkpoint(path + ".tmp", weights_only=False)
-            if self.trainer.is_global_zero:  # a reader never sees half a file
-                os.replace(path + ".tmp", path)
-            record["checkpoint"] = path
-        self.stages.append(record)
-        kept = f", kept as {record['checkpoint']}" if record["checkpoint"] else ""
-        rank_zero_info(f"{type(self.algorithm).__name__}: stage {name} finished at step "
-                       f"{self.global_step}{kept}")
-
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["dgkit_stages"] = {"current": self._stage, "finished": self.stages}
         checkpoint["dgkit_rng"] = rng_states()  # dropout and the algorithm's own draws
-        checkpoint["dgkit_algorithm"] = _qualified(type(self.algorithm))
+        checkpoint["dgkit_algorithm"] = qualified_name(type(self.algorithm))
         prefixes = representation_prefixes(self.algorithm)
         if prefixes is not None:
             checkpoint[CHECKPOINT_KEY] = prefixes
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self._check_same_algorithm(checkpoint)
-        trainer = self._trainer
-        if "dgkit_rng" in checkpoint and trainer is not None and trainer.state.fn == "fit":
-            set_rng_states(checkpoint["dgkit_rng"])  # resuming: continue the same random stream
-        stages = checkpoint.get("dgkit_stages") or {}
-        self._stage, self.stages = stages.get("current"), list(stages.get("finished", []))
-
-    def _check_same_algorithm(self, checkpoint: dict[str, Any]) -> None:
         written_by = checkpoint.get("dgkit_algorithm")
-        mine = _qualified(type(self.algorithm))
+        mine = qualified_name(type(self.algorithm))
         if written_by is not None and written_by != mine:
             path = getattr(self._trainer, "ckpt_path", None) or "the checkpoint"
             raise algorithm_mismatch(path, written_by, mine, "this run builds")
+        trainer = self._trainer
+        if "dgkit_rng" in checkpoint and trainer is not None and trainer.state.fn == "fit":
+            set_rng_states(checkpoint["dgkit_rng"])  # resuming: continue the same random stream
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
         b = as_batch(batch)
@@ -316,25 +258,14 @@ class DGModule(LightningModule):
         x, y = batch[0], batch[1]
         # WILDS streams carry metadata, which only the official evaluators take.
         extra = {"metadata": batch[2]} if len(batch) > 2 else {}
-        if self.tta.active:
-            if "test_unadapted" in self.domain_metrics and stage == "test":
-                self._update("test_unadapted", index, self.algorithm(x), y, **extra)
-            logits = self.tta.predict((stage, index), x)
+        if self.test_time is not None:
+            if stage == "test" and UNADAPTED in self.metrics:
+                self.metrics.update(UNADAPTED, index, self.algorithm(x), y, **extra)
+            logits = self.test_time.predict((stage, index), x)
         else:
             logits = self.algorithm(x)
-        self._update(stage, index, logits, y, **extra)
-        self._update_heads(stage, index, x, y)
-
-    def _update(self, stage: str, index: int, logits: Tensor, y: Tensor, **extra: Any) -> None:
-        self.domain_metrics[stage][index].update(logits, y, **extra)
-        self._updated.add((stage, index))
-
-    def _update_heads(self, stage: str, index: int, x: Tensor, y: Tensor) -> None:
-        if self.head_metrics is None or stage not in self.head_metrics:
-            return
-        heads = self.algorithm.head_logits(x)
-        for h, metric in enumerate(self.head_metrics[stage][index].values()):
-            metric.update(heads[:, h], y)
+        heads = self.algorithm.head_logits(x) if self.metrics.tracks_heads else None
+        self.metrics.update(stage, index, logits, y, heads=heads, **extra)
 
     def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._evaluate(*self.task.validation_streams[dataloader_idx], batch)
@@ -344,148 +275,40 @@ class DGModule(LightningModule):
 
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict:
         x = batch[0]
-        logits = self.tta.predict(("predict", dataloader_idx), x) if self.tta.active else self.algorithm(x)
+        stage = self.test_time
+        logits = stage.predict(("predict", dataloader_idx), x) if stage is not None else self.algorithm(x)
         return {"logits": logits, "prediction": logits.argmax(1),
                 "domain": self.task.stages["test"][dataloader_idx]}
 
-    # --- test-time stage ----------------------------------------------------------------
-    def _source_data(self, include_holdout: bool):
-        datamodule = self.trainer.datamodule
-        if datamodule is None or not hasattr(datamodule, "source_eval_dataloader"):
-            raise DGKitError(f"{type(self.algorithm).__name__} adapts at test time and needs the "
-                             "source domains: evaluate with a DomainDataModule (datamodule=...)")
-
-        def batches():
-            for x, y, *_ in datamodule.source_eval_dataloader(include_holdout):
-                yield x.to(self.device), y.to(self.device)
-
-        return batches
-
     def setup(self, stage: str) -> None:
-        self._add_official_evaluation()
+        name = type(self.algorithm).__name__
+        if self.algorithm.differentiates_twice and str(self.trainer.precision).startswith("16"):
+            raise ConfigError("trainer.precision", f"{name}'s double backward is unstable in fp16",
+                              "bf16-mixed, 32")
         strategy = self.trainer.strategy
-        if self.algorithm.unused_parameters and isinstance(strategy, DDPStrategy):
-            # Before the strategy wraps the model in DDP (after this hook); the user's
-            # plain --trainer.strategy ddp would otherwise stop at the first idle parameter.
+        if self.algorithm.trains_in_stages and isinstance(strategy, DDPStrategy):
+            # Before the strategy wraps the model in DDP (after this hook); the user's plain
+            # --trainer.strategy ddp would otherwise stop at the first idle parameter. The
+            # strategy offers no public setter once built.
             if not strategy._ddp_kwargs.get("find_unused_parameters"):
                 strategy._ddp_kwargs["find_unused_parameters"] = True
-                rank_zero_info(f"{type(self.algorithm).__name__} leaves some parameters out of "
-                               "some steps: DDP runs with find_unused_parameters=True")
-        # Before a resumed checkpoint is restored, so resuming keeps the resumed weights.
-        if stage == "fit" and self.hparams.init_from and self.init_report is None:
-            self.init_report = load_representation(self.algorithm, self.hparams.init_from,
-                                                   self.hparams.freeze_featurizer)
-            r = self.init_report
-            rank_zero_info(
-                f"init_from {r['checkpoint']}: featurizer ({r['featurizer_from']}) loaded into "
-                f"{', '.join(r['featurizer_into'])}"
-                + (f"; classifier ({r['classifier_from']}) into {', '.join(r['classifier_into'])}"
-                   if r["classifier_into"] else "; no classifier loaded")
-                + ("; featurizer frozen" if r["frozen"] else ""))
-        if self.algorithm.needs_grad_at_test:
-            # The test-time stage takes gradients: evaluate under no_grad (which adapt()
-            # lifts with enable_grad) instead of inference_mode, whose tensors refuse autograd.
-            for loop in (self.trainer.validate_loop, self.trainer.test_loop,
-                         self.trainer.predict_loop, self.trainer.fit_loop.epoch_loop.val_loop):
-                loop.inference_mode = False
-
-    def _add_official_evaluation(self) -> None:
-        """A benchmark's own evaluator (WILDS) beside the per-stream metrics."""
-        datamodule = getattr(self.trainer, "datamodule", None)
-        evaluator = getattr(getattr(datamodule, "dataset", None), "evaluator", None)
-        if evaluator is None or self._official_added:
-            return
-        for collections in self.domain_metrics.values():
-            for collection in collections:
-                collection.add_metrics({"official": OfficialEvaluation(evaluator())})
-        self._official_added = True
-
-    def _begin_adaptation(self, include_holdout: bool) -> None:
-        if self.algorithm.adapts_at_test:
-            self.tta.begin(self._source_data(include_holdout))
-
-    def on_validation_start(self) -> None:
-        if self.hparams.adapt_validation:
-            self._begin_adaptation(include_holdout=False)  # never the validation samples
-
-    def on_validation_end(self) -> None:
-        self.tta.end()
-
-    def on_test_start(self) -> None:
-        if hasattr(self.algorithm, "choose_head"):
-            self._choose_head()
-        if not self.algorithm.adapts_at_test:
-            return
-        if self.hparams.tta_grid:
-            self._select_test_time_hyperparameters()
-        self._begin_adaptation(include_holdout=True)
-
-    def _choose_head(self) -> None:
-        """Disambiguation of multi-hypothesis algorithms, before testing: labelled source
-        validation data, or the held-out domains' oracle split (never the test images)."""
-        datamodule = self.trainer.datamodule
-        stage = "oracle" if self.algorithm.selection == "target_queries" else "val"
-        if stage == "oracle" and not getattr(datamodule, "oracle", False):
-            raise ConfigError("data.oracle", "target_queries draws its labels from the "
-                              "held-out domains' oracle split", "true")
-        loaders = self._validation_loaders(stage)
-        batches = [(x.to(self.device), y.to(self.device)) for loader in loaders for x, y, *_ in loader]
-        self.head_selection = self.algorithm.choose_head(batches)
-
-    def _validation_loaders(self, stage: str) -> list:
-        loaders = self.trainer.datamodule.val_dataloader()
-        return [loader for loader, (s, _) in zip(loaders, self.task.validation_streams, strict=True)
-                if s == stage]
-
-    def _select_test_time_hyperparameters(self) -> None:
-        self._begin_adaptation(include_holdout=False)
-        val = self._validation_loaders("val")
-        chosen, scores = select_hyperparameters(self.tta, self.hparams.tta_grid, val)
-        self.tta.end()
-        self.tta_selection = {"chosen": chosen, "validation_accuracy": [
-            {"config": c, "accuracy": a} for c, a in scores]}
-
-    def on_test_end(self) -> None:
-        self.tta.end()
-
-    def on_predict_start(self) -> None:
-        self._begin_adaptation(include_holdout=True)
-
-    def on_predict_end(self) -> None:
-        self.tta.end()
+                rank_zero_info(f"{name} trains in stages, leaving some parameters out of some "
+                               "steps: DDP runs with find_unused_parameters=True")
 
     def on_validation_epoch_end(self) -> None:
-        logged = self._log_metrics(tuple(s for s in self._stage_domains if not s.startswith("test")))
+        logged = self._log_metrics(tuple(s for s in self.metrics.streams if not s.startswith("test")))
         if self.trainer.state.fn == "fit" and not self.trainer.sanity_checking:
             self.algorithm.on_validation_metrics(
                 {k: float(v) for k, v in logged.items() if k.startswith("val/")})
 
     def on_test_epoch_end(self) -> None:
-        self._log_metrics(("test", "test_unadapted"))
+        self._log_metrics(("test", UNADAPTED))
 
     def _log_metrics(self, stages: tuple[str, ...]) -> dict[str, Tensor]:
-        logged: dict[str, Tensor] = {}
-        for stage in (s for s in stages if s in self._stage_domains):
-            per_metric: dict[str, list[Tensor]] = {}
-            for i, domain in enumerate(self._stage_domains[stage]):
-                if (stage, i) not in self._updated:
-                    continue
-                collections = [self.domain_metrics[stage][i]]
-                if self.head_metrics is not None and stage in self.head_metrics:
-                    collections.append(self.head_metrics[stage][i])
-                for collection in collections:
-                    for name, value in collection.compute().items():  # synced across ranks
-                        # Already reduced across ranks: Lightning need not sync it again.
-                        self.log(f"{stage}/{name}/{domain}", value, sync_dist=False)
-                        logged[f"{stage}/{name}/{domain}"] = value
-                        per_metric.setdefault(name, []).append(value)
-                    collection.reset()
-                self._updated.discard((stage, i))
-            # DomainBed averages accuracies over domains (not over pooled samples).
-            for name, values in per_metric.items():
-                logged[f"{stage}/{name}"] = torch.stack(values).mean()
-                self.log(f"{stage}/{name}", logged[f"{stage}/{name}"], sync_dist=False,
-                         prog_bar=stage == "val")
+        logged = self.metrics.compute(stages)
+        for key, value in logged.items():
+            # Already reduced across ranks by torchmetrics: Lightning need not sync again.
+            self.log(key, value, sync_dist=False, prog_bar=key.count("/") == 1 and key.startswith("val/"))
         return logged
 
 
@@ -525,27 +348,3 @@ def _check_optimizer(optimizer: OptimizerCallable) -> None:
     except (ValueError, TypeError) as exc:
         raise ConfigError("model.optimizer", str(exc),
                           "lr >= 0, weight_decay >= 0, betas in [0, 1)") from None
-
-
-def _to_channels_last(module: nn.Module, args: tuple) -> tuple:
-    x, *rest = args
-    return (x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x, *rest)
-
-
-def _qualified(cls: type) -> str:
-    return f"{cls.__module__}.{cls.__qualname__}"
-
-
-def algorithm_mismatch(path: str, written_by: str, wanted: str, asked: str) -> ConfigError:
-    """The error for a checkpoint of another algorithm (qualified class names, shown by
-    alias); ``asked`` says who wants ``wanted``: "this run builds", "--algo asks for"."""
-    aliases = {_qualified(e.obj): e.alias for e in registry("algorithm")}
-    theirs, mine = aliases.get(written_by, written_by), aliases.get(wanted, wanted)
-    return ConfigError("ckpt_path", f"{path} was written by {theirs}, but {asked} {mine}",
-                       f"a checkpoint of {mine}; or no --algo (or --algo {theirs}) to use this one as "
-                       f"{theirs}; or --model.init_from {path} to start {mine} from its representation")
-
-
-def task_dict(task: Task) -> dict:
-    """The task as plain data, so checkpoints load with ``weights_only=True``."""
-    return asdict(task)

@@ -237,3 +237,19 @@ def _reachable(host: str, timeout: float = 3.0) -> bool:
         return True
     except OSError:
         return False
+
+
+def speed_up(model: nn.Module, channels_last: bool = False, compile: bool = False) -> None:
+    """Every featurizer in ``model`` in the channels-last memory layout (its inputs turned so
+    on the way in) and/or compiled with ``torch.compile``."""
+    for featurizer in [m for m in model.modules() if isinstance(m, Featurizer)]:
+        if channels_last:
+            featurizer.to(memory_format=torch.channels_last)
+            featurizer.register_forward_pre_hook(_to_channels_last)
+        if compile:
+            featurizer.compile()
+
+
+def _to_channels_last(module: nn.Module, args: tuple) -> tuple:
+    x, *rest = args
+    return (x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x, *rest)

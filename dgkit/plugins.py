@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import functools
+import importlib
+import pkgutil
 import types
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
-from typing import Any
+from typing import Any, TypeVar
 
 import pluggy
 
@@ -15,6 +17,50 @@ from dgkit import hookspecs
 from dgkit.errors import PluginError, UnknownAliasError
 
 ENTRY_POINT_GROUP = "dgkit"
+ALIAS_ATTRIBUTE = "dgkit_alias"
+T = TypeVar("T")
+
+
+def qualified_name(obj: Any) -> str:
+    """``module.QualName`` of a class or function (of an instance: of its class)."""
+    if not hasattr(obj, "__qualname__"):
+        obj = type(obj)
+    return f"{obj.__module__}.{obj.__qualname__}"
+
+
+def register(alias: str) -> Callable[[T], T]:
+    """Name an algorithm, data set or metric factory where it is defined (timm's habit)::
+
+        @register("erm")
+        class ERM(Algorithm): ...
+
+    A plugin's hook then returns :func:`registered_in` of its modules (or a plain
+    ``{alias: object}`` dict)."""
+    def mark(obj: T) -> T:
+        setattr(obj, ALIAS_ATTRIBUTE, alias)
+        return obj
+    return mark
+
+
+def registered_in(*modules: types.ModuleType | str) -> dict[str, Any]:
+    """``{alias: object}`` of what ``@register`` named in these modules, given as modules or
+    names (a package: in it and all its submodules); a plugin's hook returns
+    ``registered_in(__name__)``. Subclasses do not inherit their parent's alias."""
+    found: dict[str, Any] = {}
+    for module in modules:
+        if isinstance(module, str):
+            module = importlib.import_module(module)
+        todo = [module]
+        if hasattr(module, "__path__"):
+            todo += [importlib.import_module(info.name)
+                     for info in pkgutil.walk_packages(module.__path__, module.__name__ + ".")]
+        for mod in todo:
+            for obj in vars(mod).values():
+                alias = vars(obj).get(ALIAS_ATTRIBUTE) if hasattr(obj, "__dict__") else None
+                if alias is not None and getattr(obj, "__module__", None) == mod.__name__:
+                    found[alias] = obj
+    return found
+
 KINDS = {"algorithm": "dgkit_algorithms", "dataset": "dgkit_datasets", "metric": "dgkit_metrics"}
 
 
@@ -30,8 +76,7 @@ class Registered:
     @property
     def target(self) -> str:
         """Import path of the registered object, as jsonargparse's ``class_path`` expects."""
-        obj = self.obj
-        return f"{obj.__module__}.{getattr(obj, '__qualname__', type(obj).__qualname__)}"
+        return qualified_name(self.obj)
 
 
 @dataclass(frozen=True)

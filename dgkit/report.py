@@ -23,9 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dgkit.errors import DGKitError
+from dgkit.task import DEFAULT_SELECTION
 
 SCORES = {  # a method that reads one logged score -> that score
-    "training-domain validation": "val/accuracy",
+    "training-domain validation": DEFAULT_SELECTION,
     "crafted-shift validation": "crafted/accuracy",
     "test-domain oracle": "oracle/accuracy",
 }
@@ -75,7 +76,7 @@ def _validations(path: Path) -> list[dict[str, float]]:
             step = int(float(row["step"]))
             values = {k: float(v) for k, v in row.items() if v not in ("", None) and k != "step"}
             by_step.setdefault(step, {"step": step}).update(values)
-    return [r for _, r in sorted(by_step.items()) if HELD_OUT in r or "val/accuracy" in r]
+    return [r for _, r in sorted(by_step.items()) if HELD_OUT in r or DEFAULT_SELECTION in r]
 
 
 # --- selection methods: the runs of one setting -> (validation score, held-out accuracy) ---

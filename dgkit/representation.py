@@ -12,13 +12,17 @@ from __future__ import annotations
 
 import pickle
 from pathlib import Path
+from typing import Any
 
 import torch
+from lightning import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from dgkit.algorithm import Algorithm
 from dgkit.errors import ConfigError, DGKitError
 from dgkit.networks import Featurizer
+from dgkit.results import ResultsContributor
 
 CHECKPOINT_KEY = "dgkit_representation"
 DEFAULT_PREFIXES = {"featurizer": "algorithm.featurizer", "classifier": "algorithm.classifier"}
@@ -93,3 +97,27 @@ def _load(module: nn.Module, state: dict[str, torch.Tensor], what: str, path: Pa
         raise ConfigError("model.init_from", f"the {what} in {path} does not fit this model "
                           f"({first[0].strip()})", "the same --model.backbone and data set as the "
                           "run that wrote it") from None
+
+
+class InitFrom(Callback, ResultsContributor):
+    """``--model.init_from CKPT``: loads the representation when ``fit`` sets up, before a
+    resumed checkpoint is restored (so resuming keeps the resumed weights); evaluating
+    uses the checkpoint being evaluated."""
+
+    def __init__(self, checkpoint: str, freeze: bool = False):
+        self.checkpoint, self.freeze = checkpoint, freeze
+        self.report: dict[str, Any] | None = None
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage != "fit" or self.report is not None:
+            return
+        r = self.report = load_representation(pl_module.algorithm, self.checkpoint, self.freeze)
+        rank_zero_info(
+            f"init_from {r['checkpoint']}: featurizer ({r['featurizer_from']}) loaded into "
+            f"{', '.join(r['featurizer_into'])}"
+            + (f"; classifier ({r['classifier_from']}) into {', '.join(r['classifier_into'])}"
+               if r["classifier_into"] else "; no classifier loaded")
+            + ("; featurizer frozen" if r["frozen"] else ""))
+
+    def results_entries(self) -> dict[str, Any]:
+        return {"init_from": self.report} if self.report else {}

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -12,9 +10,20 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from dgkit.atomic import write_atomically
+from dgkit.evaluation import UNADAPTED
 from dgkit.task import Task
 
 RESULTS_FILE = "test_results.json"
+
+
+class ResultsContributor:
+    """A component (a callback) whose decisions belong in the results file: the stages it
+    kept, the head or test-time settings it chose, the representation it loaded. The
+    reporting after ``fit``/``test`` merges every contributor's entries into the results."""
+
+    def results_entries(self) -> dict[str, Any]:
+        return {}
 
 
 def collect_results(metrics: Mapping[str, Any], task: Task, **info: Any) -> dict:
@@ -23,7 +32,7 @@ def collect_results(metrics: Mapping[str, Any], task: Task, **info: Any) -> dict
     average: dict[str, float] = {}
     for key, value in metrics.items():
         parts = key.split("/")
-        if parts[0] not in ("test", "test_unadapted") or len(parts) < 2:
+        if parts[0] not in ("test", UNADAPTED) or len(parts) < 2:
             continue
         # The same model without its test-time stage, beside the adapted result.
         name = parts[1] if parts[0] == "test" else f"{parts[1]} (no adaptation)"
@@ -90,21 +99,7 @@ def print_results(results: dict, console: Console | None = None) -> None:
                       f"({selection['labels_used']} labels)")
 
 
-def file_mode() -> int:
-    """The mode a plain ``open()`` would give a new file under the current umask
-    (``mkstemp`` creates its files 0600)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
 def write_results(results: dict, directory: Path) -> Path:
     """Write atomically: a reader never sees half a file."""
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / RESULTS_FILE
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".results-")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(results, fh, indent=2, default=str)
-    os.chmod(tmp, file_mode())
-    os.replace(tmp, path)
-    return path
+    return write_atomically(directory / RESULTS_FILE,
+                            lambda fh: json.dump(results, fh, indent=2, default=str), binary=False)

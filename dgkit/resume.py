@@ -9,18 +9,17 @@ command again.
 from __future__ import annotations
 
 import csv
-import random
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
 import yaml
+from rich.console import Console
 
+from dgkit.checkpoint_io import read_checkpoint
 from dgkit.checkpointing import METRICS_FILE, RESUME_FILE, ResumeCheckpoint, held_by_live_process
+from dgkit.errors import DGKitError
 from dgkit.results import RESULTS_FILE
-
-CONFIG_FILE = "config.yaml"
+from dgkit.run_folder import CONFIG_FILE
 
 
 def _comparable(config: dict[str, Any]) -> dict[str, Any]:
@@ -79,22 +78,34 @@ def _number(text: str) -> int | float:
         return float(text)
 
 
-# --- RNG states in checkpoints (plain tensors and ints: they load with weights_only) ---
-def rng_states() -> dict[str, Any]:
-    name, keys, pos, has_gauss, gauss = np.random.get_state()
-    states = {"torch": torch.get_rng_state(),
-              "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
-              "python": random.getstate()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
-
-
-def set_rng_states(states: dict[str, Any]) -> None:
-    torch.set_rng_state(states["torch"])
-    name, keys, pos, has_gauss, gauss = states["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    version, internal, gauss_next = states["python"]
-    random.setstate((version, tuple(internal), gauss_next))
-    if "cuda" in states and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(states["cuda"])
+def resume_unfinished(config: Any, dump: dict[str, Any]) -> list[dict[str, int | float]]:
+    """``dgkit fit`` with the configuration of an unfinished run: point ``config`` (the fit
+    namespace; ``dump`` is it as ``config.yaml`` holds it) at that run's folder and
+    ``last.ckpt``. Returns the metric rows the run logged before its checkpoint, for the
+    resumed CSV logger to write back first."""
+    loggers = config.trainer.logger
+    if not isinstance(loggers, list) or not loggers or "init_args" not in loggers[0]:
+        return []  # no logger, no run folder to find
+    first = loggers[0].init_args
+    if first.get("version") is not None:
+        return []
+    root = Path(first.get("save_dir") or ".") / (first.get("name") or "")
+    found = find_unfinished(root, dump)
+    if found is None:
+        return []
+    version, checkpoint = found
+    for logger in loggers:
+        if "init_args" in logger and "version" in logger.init_args:
+            logger.init_args.version = version
+    config.ckpt_path = str(checkpoint)
+    # Memory-mapped: only the step and the callbacks' state are read here; Lightning reads
+    # the rest when it restores.
+    try:
+        state = read_checkpoint(checkpoint, mmap=True)
+    except DGKitError as exc:
+        raise DGKitError(f"the unfinished run {checkpoint.parent.parent} cannot be resumed: {exc} "
+                         f"Resume from another with --ckpt_path {checkpoint.parent}/<file>, or "
+                         "start a new run with --resume false.") from None
+    Console(stderr=True).print(f"resuming the unfinished run {checkpoint.parent.parent} from step "
+                               f"{state['global_step']} ({checkpoint}); --resume false starts a new run")
+    return metrics_logged_before(state, checkpoint.parent.parent)

@@ -16,13 +16,14 @@ from torch import Tensor, nn
 def sam_perturbation(named_params: Iterable[tuple[str, nn.Parameter]], rho: float,
                      adaptive: bool = False, eta: float = 0.01,
                      grads: Iterable[Tensor | None] | None = None
-                     ) -> list[tuple[nn.Parameter, Tensor]] | None:
+                     ) -> list[tuple[nn.Parameter, Tensor]]:
     """The first-order worst case ``e = rho * T^2 g / ||T g||`` of SAM (``T = 1``) or ASAM.
 
     ASAM follows the official code: ``T = |w| + eta`` for parameters named ``*weight*``
     and ``T = 1`` for the rest (biases). One global norm over all parameters. Parameters
     without a gradient (frozen, unused) are skipped. ``grads`` defaults to ``p.grad``.
-    Returns ``None`` when the gradient is not finite.
+    A gradient that is not finite (fp16 overflow) gives no perturbation: the second pass
+    then overflows at the same loss scale too, and the grad scaler skips the step.
     """
     named = list(named_params)
     grads = [p.grad for _, p in named] if grads is None else list(grads)
@@ -36,8 +37,8 @@ def sam_perturbation(named_params: Iterable[tuple[str, nn.Parameter]], rho: floa
     if not kept:
         return []
     norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(s) for s in scaled]))
-    if not torch.isfinite(norm):  # fp16 overflow: the caller lets the grad scaler skip the step
-        return None
+    if not torch.isfinite(norm):
+        return []
     scale = rho / (norm + 1e-12)
     out = []
     for p, g, t in kept:

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+#: what selects the checkpoint, steps a plateau scheduler and heads the reports, unless a
+#: benchmark has its own protocol (WILDS: its OOD validation metric)
+DEFAULT_SELECTION = "val/accuracy"
 
 
 @dataclass(frozen=True)
@@ -31,6 +37,11 @@ class Task:
     average_test: bool = True
     #: where the training steps' unlabeled images come from (``--data.unlabeled``)
     unlabeled: str = "none"
+    #: the logged key that selects the checkpoint and drives a plateau scheduler (maximised)
+    selection_metric: str = DEFAULT_SELECTION
+    #: a benchmark's own evaluator of a whole stream, ``(preds, target, metadata) -> {name:
+    #: value}`` (WILDS); known while the data is loaded, never saved in a checkpoint
+    evaluator: Callable[..., dict[str, float]] | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         # jsonargparse and checkpoints hand lists back; keep the dataclass hashable.
@@ -53,6 +64,18 @@ class Task:
         """``(stage, index)`` of every validation data loader, in order."""
         return [(stage, i) for stage, names in self.stages.items() if stage != "test"
                 for i in range(len(names))]
+
+    @property
+    def transductive(self) -> bool:
+        """Training sees unlabeled images of the held-out domains."""
+        return self.unlabeled == "target"
+
+    def to_dict(self) -> dict[str, Any]:
+        """The task as plain data (checkpoints load with ``weights_only=True``); the
+        evaluator, a live object of the loaded data, is left out."""
+        data = asdict(self)
+        data.pop("evaluator")
+        return data
 
     @property
     def num_domains(self) -> int:

@@ -12,7 +12,7 @@ from lightning import Trainer, seed_everything
 
 from dgkit.data import DomainDataModule
 from dgkit.data.mnist import RotatedMNIST
-from dgkit.module import DGModule, task_dict
+from dgkit.module import DGModule
 from dgkit.plugins import registry
 
 
@@ -48,7 +48,7 @@ def fit(alias: str, args: argparse.Namespace, out: str) -> None:
     algorithm = registry("algorithm").get(alias).obj
     hparams = {**needs.get("hparams", {}), **eval(args.hparams)}
     model = DGModule(algorithm=functools.partial(algorithm, **hparams),
-                     task=task_dict(data.task), backbone=needs.get("backbone", "mlp"),
+                     task=data.task, backbone=needs.get("backbone", "mlp"),
                      optimizer=functools.partial(torch.optim.SGD, lr=0.1))
     trainer = Trainer(accelerator="cpu", devices=args.devices,
                       strategy="ddp" if args.devices > 1 else "auto", max_steps=args.steps,

@@ -8,11 +8,33 @@ import os
 import signal
 
 import torch
+from e2e.command import QUIET  # noqa: F401  (one list of quiet-run flags for every layer)
 from lightning import Callback, Trainer, seed_everything
 
+from dgkit.cli import main
 from dgkit.data import DomainDataModule
 from dgkit.data.mnist import RotatedMNIST
-from dgkit.module import DGModule, task_dict
+from dgkit.module import DGModule
+from dgkit.task import Task
+
+
+def make_task(input_shape: tuple[int, ...] = (1, 28, 28), num_classes: int = 10,
+              domains: tuple[str, ...] = ("a", "b"), backbone: str = "mlp", **fields) -> Task:
+    """A small task for algorithm tests that build networks without data."""
+    return Task(input_shape, num_classes, domains, default_backbone=backbone, **fields)
+
+
+def run_cli(argv, capsys=None) -> tuple[int, str, str]:
+    """Run the command in-process; return (exit code, stdout, stderr)."""
+    code = 0
+    try:
+        main(argv)
+    except SystemExit as exc:
+        code = exc.code or 0
+    if capsys is None:
+        return code, "", ""
+    out = capsys.readouterr()
+    return code, out.out, out.err
 
 
 def train(algorithm_cls, steps: int, *, backbone: str = "mlp", batch_size: int = 16,
@@ -22,7 +44,7 @@ def train(algorithm_cls, steps: int, *, backbone: str = "mlp", batch_size: int =
     seed_everything(seed)
     data = data or DomainDataModule(RotatedMNIST(), batch_size=batch_size)
     model = DGModule(algorithm=functools.partial(algorithm_cls, **hparams),
-                     task=task_dict(data.task), backbone=backbone,
+                     task=data.task, backbone=backbone,
                      optimizer=functools.partial(torch.optim.Adam, lr=lr),
                      lr_scheduler=functools.partial(scheduler[0], **scheduler[1]) if scheduler else None,
                      scheduler_interval="step")

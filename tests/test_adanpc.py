@@ -1,28 +1,37 @@
+import copy
+
 import pytest
 import torch
-from helpers import train
+from helpers import make_task, train
 
 from dgkit.adaptation import TestTimeStage
 from dgkit.data import DomainDataModule
 from dgkit.data.mnist import RotatedMNIST
 from dgkit.errors import ConfigError
 from dgkit.networks import Backbone
-from dgkit.task import Task
 from dgkit_algorithms import SAM, AdaNPC
 
-TASK = Task((1, 28, 28), 10, ("a", "b"), default_backbone="mlp")
+TASK = make_task()
 
 
 @pytest.fixture(scope="module")
-def trained():
+def trained_once():
     """ERM features trained on 0-30 degrees; 45, 60 and 75 are held out."""
     data = DomainDataModule(RotatedMNIST(), test_domains=["45", "60", "75"], batch_size=16,
                             eval_batch_size=32)
-    model = train(AdaNPC, 150, data=data, backbone="mnist_cnn", k=10)
-    algo = model.algorithm.eval()
+    return data, train(AdaNPC, 150, data=data, backbone="mnist_cnn", k=10).algorithm
+
+
+@pytest.fixture
+def trained(trained_once):
+    """A copy of the trained model of its own for each test (they change beta and the
+    memory), with its test-time stage open."""
+    data, algo = trained_once
+    algo = copy.deepcopy(algo).eval()
     stage = TestTimeStage(algo)
     stage.begin(lambda: data.source_eval_dataloader(include_holdout=True))
-    return data, algo, stage
+    yield data, algo, stage
+    stage.end()
 
 
 def _stream_accuracy(stage, loaders, beta):
@@ -74,7 +83,6 @@ def test_domains_never_see_each_others_adaptation(trained):
     torch.testing.assert_close(alone, after_other)
     stage.end()
     assert len(algo.memory) == algo.base_size  # trained state back after the evaluation
-    stage.begin(lambda: data.source_eval_dataloader(include_holdout=True))
 
 
 def test_one_nearest_neighbour_and_reference_confidence():

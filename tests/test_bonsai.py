@@ -12,18 +12,18 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import make_task
 
 from dgkit.algorithm import Batch, Progress
 from dgkit.cli import main
 from dgkit.errors import ConfigError
-from dgkit.module import DGModule, task_dict
+from dgkit.module import DGModule
 from dgkit.networks import Backbone, Featurizer
 from dgkit.plugins import registry
 from dgkit.representation import load_representation
-from dgkit.task import Task
 from dgkit_algorithms import Bonsai
 
-TASK = Task((2, 28, 28), 2, ("a", "b"), default_backbone="mlp")
+TASK = make_task((2, 28, 28), 2)
 HERE = Path(__file__).parent
 
 
@@ -154,7 +154,7 @@ def test_a_run_killed_in_a_discovery_round_resumes_in_that_round(tmp_path):
 
 @pytest.fixture(scope="module")
 def bonsai_checkpoint(tmp_path_factory) -> Path:
-    model = DGModule(algorithm=Bonsai, task=task_dict(TASK), backbone="mnist_cnn")
+    model = DGModule(algorithm=Bonsai, task=TASK, backbone="mnist_cnn")
     path = tmp_path_factory.mktemp("bonsai") / "bonsai.ckpt"
     checkpoint = {"state_dict": model.state_dict()}
     model.on_save_checkpoint(checkpoint)

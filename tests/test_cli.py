@@ -1,28 +1,12 @@
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-
-from dgkit.cli import main
-
-QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
-
-
-def run(argv, capsys=None):
-    """Run the CLI in-process; return (exit code, stdout, stderr)."""
-    code = 0
-    try:
-        main(argv)
-    except SystemExit as exc:
-        code = exc.code or 0
-    if capsys is None:
-        return code, "", ""
-    out = capsys.readouterr()
-    return code, out.out, out.err
+from helpers import QUIET, inside
+from helpers import run_cli as run
 
 
 def test_help_lists_lightning_and_dgkit_arguments(capsys):
@@ -76,13 +60,9 @@ def test_bad_input_from_the_console_script_has_no_traceback():
 
 
 def _fit(root: Path) -> dict:
-    previous = os.getcwd()
-    os.chdir(root)  # runs/ is relative to the working directory
-    try:
+    with inside(root):  # runs/ is relative to the working directory
         code, _, _ = run(["fit", "--algo", "erm", "--data", "rotated_mnist",
                           "--trainer.max_epochs", "5", *QUIET])
-    finally:
-        os.chdir(previous)
     assert code == 0
     (results,) = root.glob("runs/*/test_results.json")
     results = json.loads(results.read_text())

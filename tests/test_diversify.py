@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from helpers import train
+from helpers import make_task, train
 
 from dgkit.algorithm import Batch, Progress
 from dgkit.cli import main
@@ -14,11 +14,10 @@ from dgkit.data import DomainDataModule
 from dgkit.data.mnist import ColoredMNIST
 from dgkit.errors import DGKitError
 from dgkit.networks import Backbone
-from dgkit.task import Task
 from dgkit_algorithms import DBAT, ERM, DivDis
 from dgkit_algorithms.diversify import pairwise_mutual_information
 
-TASK = Task((2, 28, 28), 2, ("a", "b"), default_backbone="mlp", unlabeled="source_holdout")
+TASK = make_task((2, 28, 28), 2, unlabeled="source_holdout")
 
 
 def test_unlabeled_target_stream_has_no_labels_and_never_the_test_images():
@@ -32,7 +31,7 @@ def test_unlabeled_target_stream_has_no_labels_and_never_the_test_images():
     test_subset = data.splits[data.test_indices[0]][0]
     assert unlabeled is data.splits[data.test_indices[0]][1]  # the oracle split, not the test one
     assert not set(unlabeled.indices) & set(test_subset.indices)
-    assert data.transductive and not DomainDataModule(ColoredMNIST()).transductive
+    assert data.task.transductive and not DomainDataModule(ColoredMNIST()).task.transductive
 
 
 def test_mutual_information_of_heads():
@@ -124,7 +123,7 @@ def _assert_a_shape_head_is_found_and_picked(algo, data, erm_accuracy):
 
 def test_divdis_learns_a_head_that_ignores_the_colour(spurious_colour):
     data, erm_accuracy = spurious_colour
-    assert data.task.source_domains == ("+90%", "+80%") and not data.transductive
+    assert data.task.source_domains == ("+90%", "+80%") and not data.task.transductive
     _assert_a_shape_head_is_found_and_picked(train(DivDis, 600, data=data).algorithm, data,
                                              erm_accuracy)
 

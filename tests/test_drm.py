@@ -2,16 +2,15 @@ import json
 
 import pytest
 import torch
-from helpers import train
+from helpers import make_task, train
 
 from dgkit.cli import main
 from dgkit.data import DomainDataModule
 from dgkit.data.mnist import RotatedMNIST
 from dgkit.networks import Backbone
-from dgkit.task import Task
 from dgkit_algorithms import DRM
 
-TASK = Task((1, 28, 28), 10, ("a", "b", "c"), default_backbone="mlp")
+TASK = make_task(domains=("a", "b", "c"))
 
 
 def test_per_sample_selection_prefers_each_domains_own_head():

@@ -6,7 +6,7 @@ import functools
 
 import pytest
 import torch
-from helpers import inside
+from helpers import inside, run_cli
 from lightning import Callback, Trainer, seed_everything
 
 from dgkit.cli import main
@@ -14,7 +14,7 @@ from dgkit.data import DomainDataModule
 from dgkit.data.mnist import RotatedMNIST
 from dgkit.divergence import DivergenceCheck
 from dgkit.errors import ConfigError
-from dgkit.module import DGModule, task_dict
+from dgkit.module import DGModule
 from dgkit_algorithms.erm import ERM
 from dgkit_algorithms.sam import SAM
 
@@ -24,12 +24,7 @@ SHORT = ["--model.backbone", "mlp", "--data.batch_size", "8", "--trainer.max_ste
 
 
 def _run(argv, capsys) -> tuple[int, str]:
-    try:
-        main(argv)
-        code = 0
-    except SystemExit as exc:
-        code = exc.code or 0
-    err = capsys.readouterr().err
+    code, _, err = run_cli(argv, capsys)
     return code, " ".join(err.split())
 
 
@@ -87,7 +82,7 @@ def test_checkpoint_of_another_algorithm_is_refused_through_the_trainer_too(erm_
     from lightning import Trainer
 
     data = DomainDataModule(RotatedMNIST(), batch_size=8)
-    model = DGModule(algorithm=SAM, task=task_dict(data.task), backbone="mlp")
+    model = DGModule(algorithm=SAM, task=data.task, backbone="mlp")
     trainer = Trainer(max_steps=4, logger=False, enable_progress_bar=False, limit_val_batches=0)
     with pytest.raises(ConfigError, match="was written by erm, but this run builds sam"):
         trainer.fit(model, datamodule=data, ckpt_path=erm_checkpoint)
@@ -122,7 +117,7 @@ def test_the_divergence_check_stays_quiet_on_every_algorithms_normal_run(alias):
     data = DomainDataModule(RotatedMNIST(), batch_size=16,
                             unlabeled="source_holdout" if alias in ("divdis", "dbat") else "none")
     model = DGModule(algorithm=functools.partial(registry("algorithm").get(alias).obj, **NORMAL[alias]),
-                     task=task_dict(data.task), backbone="mnist_cnn" if alias == "itta" else "mlp")
+                     task=data.task, backbone="mnist_cnn" if alias == "itta" else "mlp")
     ratio, check = LossRatio(), DivergenceCheck()
     steps = 25 if alias == "itta" else 40  # ITTA's step is eight ERM steps
     trainer = Trainer(max_steps=steps, limit_val_batches=0, logger=False, enable_checkpointing=False,

@@ -1,7 +1,7 @@
 import json
 
 import torch
-from helpers import plain_optimization, train
+from helpers import make_task, plain_optimization, train
 
 from dgkit.adaptation import TestTimeStage
 from dgkit.algorithm import Batch
@@ -9,10 +9,9 @@ from dgkit.cli import main
 from dgkit.data import DomainDataModule
 from dgkit.data.mnist import RotatedMNIST
 from dgkit.networks import Backbone
-from dgkit.task import Task
 from dgkit_algorithms.itta import ITTA
 
-TASK = Task((1, 28, 28), 10, ("a", "b"), default_backbone="mnist_cnn")
+TASK = make_task(backbone="mnist_cnn")
 
 
 def _fresh(seed=0):

@@ -11,7 +11,7 @@ from lightning import Trainer, seed_everything
 from dgkit.cli import main
 from dgkit.data import DomainDataModule
 from dgkit.data.mnist import RotatedMNIST
-from dgkit.module import DGModule, task_dict
+from dgkit.module import DGModule
 
 
 def test_dgkit_list_shows_the_installed_plugin_and_the_broken_one(installed_plugins):
@@ -29,7 +29,7 @@ def test_dgkit_list_shows_the_installed_plugin_and_the_broken_one(installed_plug
 def _train(factory, steps: int = 4) -> DGModule:
     seed_everything(0)
     data = DomainDataModule(RotatedMNIST(), batch_size=16)
-    model = DGModule(algorithm=factory, task=task_dict(data.task))
+    model = DGModule(algorithm=factory, task=data.task)
     trainer = Trainer(max_steps=steps, limit_val_batches=0, logger=False,
                       enable_checkpointing=False, enable_progress_bar=False,
                       enable_model_summary=False)

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import torch
 
-from dgkit.checkpointing import AtomicCheckpointIO
+from dgkit.checkpoint_io import AtomicCheckpointIO
 
 # Dropout and crafted-shift training draw random numbers every step; 12 batches an epoch.
 FIT = ["-m", "dgkit.cli", "fit", "--data", "rotated_mnist", "--model.backbone", "mlp",

@@ -55,7 +55,7 @@ def test_crafted_unlabeled_stream_is_source_holdout_under_each_shift():
     holdouts = [data.splits[i][1] for i in data.source_indices]
     assert all(any(p.data is h for h in holdouts) for p in pool)  # never a target image
     assert {p.category for p in pool} == {"color", *FOLDS["B"]}
-    assert not data.transductive
+    assert not data.task.transductive
     batch, _, _ = next(iter(data.train_dataloader()))
     assert batch["unlabeled"].shape == (16, 2, 28, 28)
     with pytest.raises(ConfigError, match=r"data\.unlabeled_shifts"):

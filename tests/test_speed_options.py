@@ -8,7 +8,7 @@ from lightning import Trainer, seed_everything
 from dgkit.data import DomainDataModule
 from dgkit.data.mnist import RotatedMNIST
 from dgkit.errors import ConfigError
-from dgkit.module import DGModule, task_dict
+from dgkit.module import DGModule
 from dgkit.networks import Featurizer
 from dgkit_algorithms.erm import ERM
 from dgkit_algorithms.udim import UDIM
@@ -17,7 +17,7 @@ from dgkit_algorithms.udim import UDIM
 def _model(**options) -> tuple[DGModule, DomainDataModule]:
     seed_everything(0)
     data = DomainDataModule(RotatedMNIST(), batch_size=8)
-    return DGModule(algorithm=ERM, task=task_dict(data.task), backbone="mnist_cnn", **options), data
+    return DGModule(algorithm=ERM, task=data.task, backbone="mnist_cnn", **options), data
 
 
 def test_channels_last_featurizer_trains_and_predicts_as_the_default_layout():
@@ -35,7 +35,7 @@ def test_channels_last_featurizer_trains_and_predicts_as_the_default_layout():
 def test_compile_is_refused_for_double_backward_algorithms():
     data = DomainDataModule(RotatedMNIST(), batch_size=8)
     with pytest.raises(ConfigError, match=r"model\.compile: UDIM differentiates twice"):
-        DGModule(algorithm=UDIM, task=task_dict(data.task), backbone="mlp", compile=True)
-    model = DGModule(algorithm=ERM, task=task_dict(data.task), backbone="mlp", compile=True)
+        DGModule(algorithm=UDIM, task=data.task, backbone="mlp", compile=True)
+    model = DGModule(algorithm=ERM, task=data.task, backbone="mlp", compile=True)
     featurizer = next(m for m in model.algorithm.modules() if isinstance(m, Featurizer))
     assert featurizer._compiled_call_impl is not None  # compiled lazily, on its first call

@@ -72,10 +72,8 @@ def test_report_tables_match_the_runs_records(sweep):
     assert (sweep / "learning_curves.png").stat().st_size > 0
 
 
-def test_rerunning_skips_finished_runs_and_slurm_writes_an_array(sweep, capsys):
-    import os
-
-    os.chdir(sweep.parent)
+def test_rerunning_skips_finished_runs_and_slurm_writes_an_array(sweep, capsys, monkeypatch):
+    monkeypatch.chdir(sweep.parent)
     main(SWEEP)
     assert capsys.readouterr().err.count(": skipped") == 8
     main([*SWEEP[:12], "--slurm", "--sbatch=--gres=gpu:1", *SWEEP[12:]])

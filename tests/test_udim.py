@@ -3,7 +3,7 @@ import statistics
 
 import pytest
 import torch
-from helpers import plain_optimization, source_batch, train
+from helpers import make_task, plain_optimization, source_batch, train
 from torch.func import grad, vmap
 
 from dgkit.algorithm import Batch
@@ -11,11 +11,10 @@ from dgkit.cli import main
 from dgkit.data import DomainDataModule
 from dgkit.data.mnist import RotatedMNIST
 from dgkit.networks import Backbone
-from dgkit.task import Task
 from dgkit_algorithms import SAM, UDIM
 from dgkit_algorithms.udim import fishr_inconsistency, per_sample_classifier_grads
 
-TASK = Task((1, 28, 28), 10, ("a", "b"), default_backbone="mlp")
+TASK = make_task()
 
 
 def _batch(n=16, seed=0):
@@ -84,29 +83,29 @@ def test_without_inconsistency_a_udim_step_is_a_sam_step():
 
 
 class RecordingUDIM(UDIM):
-    """UDIM that keeps what each step reported."""
+    """UDIM that keeps what each of its steps reported."""
 
-    records: list[dict] = []
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.records: list[dict] = []
 
     def training_update(self, batch, opt):
         out = super().training_update(batch, opt)
-        RecordingUDIM.records.append({k: float(v) for k, v in out.items()})
+        self.records.append({k: float(v) for k, v in out.items()})
         return out
 
 
 def test_warm_up_is_sam_then_udim_steps():
-    RecordingUDIM.records = []
-    train(RecordingUDIM, 5, warmup_steps=3)
-    assert [r["warmup"] for r in RecordingUDIM.records] == [1, 1, 1, 0, 0]
-    assert "inconsistency" in RecordingUDIM.records[-1]
+    records = train(RecordingUDIM, 5, warmup_steps=3).algorithm.records
+    assert [r["warmup"] for r in records] == [1, 1, 1, 0, 0]
+    assert "inconsistency" in records[-1]
 
 
 def test_inconsistency_decreases_and_ends_far_below_sams():
-    RecordingUDIM.records = []
     data = DomainDataModule(RotatedMNIST(), batch_size=16)
     udim = train(RecordingUDIM, 200, data=data, warmup_fraction=0.0).algorithm
     sam = train(SAM, 200, data=data).algorithm
-    values = [r["inconsistency"] for r in RecordingUDIM.records]
+    values = [r["inconsistency"] for r in udim.records]
     quarter = len(values) // 4
     assert statistics.mean(values[-quarter:]) < 0.9 * statistics.mean(values[:quarter])
 

@@ -7,6 +7,8 @@ from typing import ClassVar
 
 from torch.utils.data import Dataset
 
+from dgkit.task import DEFAULT_SELECTION
+
 
 class MultiDomainDataset:
     """A data set made of named domains, each a ``torch`` Dataset of ``(x, y)``.
@@ -25,6 +27,8 @@ class MultiDomainDataset:
     #: the metrics the results table shows (the rest go to the files); () shows all
     headline_metrics: ClassVar[tuple[str, ...]] = ()
     default_test_domains: ClassVar[tuple[str, ...]] = ()
+    #: the logged key that selects the checkpoint (a benchmark's official protocol)
+    selection_metric: ClassVar[str] = DEFAULT_SELECTION
 
     def domain_dataset(self, index: int) -> Dataset:
         """All samples of domain ``self.domains[index]``."""
@@ -35,6 +39,11 @@ class MultiDomainDataset:
         or evaluation ones; the data module applies it after splitting, so a domain's
         training split is augmented and its held-out split is not. None: the domain
         datasets already yield tensors (the embedded MNIST domains)."""
+        return None
+
+    def evaluator(self) -> Callable[..., dict[str, float]] | None:
+        """A benchmark's own evaluator of a whole stream, ``(preds, target, metadata) ->
+        {name: value}``, reported beside the per-stream metrics; None: no such evaluator."""
         return None
 
     @property

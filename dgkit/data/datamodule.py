@@ -25,8 +25,10 @@ from dgkit.data.mnist import RotatedMNIST
 from dgkit.data.resumable import ResumableSampler, Seeded
 from dgkit.data.shifts import FOLDS, MixedShifts, ShiftedDataset, resolve_categories
 from dgkit.data.wilds_sets import check_no_domain_options
-from dgkit.errors import ConfigError
+from dgkit.errors import ConfigError, check_choice
 from dgkit.task import Task
+
+Unlabeled = Literal["none", "target", "source_holdout", "crafted", "domains"]
 
 
 def split_indices(n: int, holdout_fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -87,7 +89,7 @@ class DomainDataModule(LightningDataModule):
         num_workers: int | None = None,
         pin_memory: bool | None = None,
         shuffle: bool = True,
-        unlabeled: Literal["none", "target", "source_holdout", "crafted", "domains"] = "none",
+        unlabeled: Unlabeled = "none",
         unlabeled_domains: list[str | int] | None = None,
         unlabeled_shifts: list[str] | None = None,
         unlabeled_batch_size: int | None = None,
@@ -165,9 +167,7 @@ class DomainDataModule(LightningDataModule):
                               f"{list(ds.default_test_domains)})")
         chosen = list(ds.default_test_domains) if test_domains is None else list(test_domains)
         self.test_indices = sorted({self._domain_index(d) for d in chosen})
-        if unlabeled not in ("none", "target", "source_holdout", "crafted", "domains"):
-            raise ConfigError("data.unlabeled", f"{unlabeled!r}",
-                              "none, target, source_holdout, crafted, domains")
+        check_choice(unlabeled, Unlabeled, "data.unlabeled")
         if unlabeled_shifts is not None and unlabeled != "crafted":
             raise ConfigError("data.unlabeled_shifts", "goes with --data.unlabeled crafted",
                               "no shifts, or unlabeled: crafted")
@@ -245,6 +245,8 @@ class DomainDataModule(LightningDataModule):
             average_test=not self.official,
             dataset=ds.name,
             unlabeled=self.unlabeled,
+            selection_metric=ds.selection_metric,
+            evaluator=ds.evaluator(),
         )
 
     # --- splits -----------------------------------------------------------------------
@@ -334,11 +336,6 @@ class DomainDataModule(LightningDataModule):
                 sampler.start(self._resume_at["epoch"], self._resume_at["batches"])
             self._resume_at = None
 
-    @property
-    def transductive(self) -> bool:
-        """Whether training sees images of the held-out domains."""
-        return self.unlabeled == "target"
-
     def train_dataloader(self) -> CombinedLoader:
         self._samplers = []
         loaders = self._training_loaders()
@@ -394,6 +391,20 @@ class DomainDataModule(LightningDataModule):
 
     def val_dataloader(self) -> list[DataLoader]:
         return self._eval_loaders(self.task.validation_streams)
+
+    def validation_dataloaders(self, stage: str) -> list[DataLoader]:
+        """The loaders of one validation stage (``val``, ``oracle``, ...), in stream order:
+        what head selection and test-time hyperparameter selection evaluate on."""
+        return self._eval_loaders([(s, i) for s, i in self.task.validation_streams if s == stage])
+
+    @property
+    def images_per_step(self) -> str:
+        """How a training step's images are made up, for messages about memory."""
+        if self.official:  # one shuffled stream of all training domains
+            return f"{self.batch_size} images per step per device"
+        domains = len(self.source_indices)
+        return (f"{self.batch_size} per domain x {domains} domain(s) = {self.batch_size * domains} "
+                "images per step per device")
 
     def test_dataloader(self) -> list[DataLoader]:
         return self._eval_loaders([("test", i) for i in range(len(self.task.stages["test"]))])

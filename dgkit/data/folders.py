@@ -18,6 +18,7 @@ from torch.utils.data import Dataset
 from dgkit.data.base import MultiDomainDataset
 from dgkit.data.transforms import LoadImage, pipeline, read_rgb
 from dgkit.errors import ConfigError, DGKitError
+from dgkit.plugins import register
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
@@ -151,6 +152,7 @@ class FolderDomains(MultiDomainDataset):
         return LoadImage(self._train if train else self._eval)
 
 
+@register("officehome")
 class OfficeHome(FolderDomains):
     """Office-Home (Venkateswara et al., 2017): 65 classes of office and home objects."""
 
@@ -161,6 +163,7 @@ class OfficeHome(FolderDomains):
     download_hint = "Get it with: dgkit data download officehome --root ROOT."
 
 
+@register("pacs")
 class PACS(FolderDomains):
     """PACS (Li et al., 2017): 7 classes in photos, art paintings, cartoons and sketches."""
 
@@ -171,6 +174,7 @@ class PACS(FolderDomains):
     download_hint = "Get it with: dgkit data download pacs --root ROOT."
 
 
+@register("vlcs")
 class VLCS(FolderDomains):
     """VLCS (Fang et al., 2013): 5 classes from four photo data sets."""
 
@@ -181,6 +185,7 @@ class VLCS(FolderDomains):
     download_hint = "Get it with: dgkit data download vlcs --root ROOT."
 
 
+@register("terraincognita")
 class TerraIncognita(FolderDomains):
     """TerraIncognita (Beery et al., 2018) as DomainBed restructures it: 10 animal classes
     at four camera-trap locations."""
@@ -193,6 +198,7 @@ class TerraIncognita(FolderDomains):
                      "(domainbed/scripts/download.py, download_terra_incognita).")
 
 
+@register("domainnet")
 class DomainNet(FolderDomains):
     """DomainNet (Peng et al., 2019): 345 classes in six styles."""
 

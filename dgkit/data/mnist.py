@@ -18,6 +18,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from dgkit.data.base import MultiDomainDataset
 from dgkit.errors import ConfigError, DGKitError
+from dgkit.plugins import register
 
 MNIST_FILE = "data/data/mnist_5k.csv.gz"
 
@@ -69,6 +70,7 @@ class _MNISTDomains(MultiDomainDataset):
         raise NotImplementedError
 
 
+@register("rotated_mnist")
 class RotatedMNIST(_MNISTDomains):
     """Digits rotated by 0, 15, 30, 45, 60 and 75 degrees; 10 classes; 1x28x28."""
 
@@ -91,6 +93,7 @@ def _agreement_name(agreement: float) -> str:
     return f"-{1 - agreement:.0%}" if agreement < 0.5 else "50%"
 
 
+@register("colored_mnist")
 class ColoredMNIST(_MNISTDomains):
     """Binary digit<5 with 25% label noise; the colour agrees with the label with
     probability 0.9, 0.8 and 0.1 in the three environments (DomainBed's +90%, +80%, -90%)."""

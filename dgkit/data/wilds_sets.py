@@ -22,6 +22,7 @@ from torch.utils.data import Dataset
 from dgkit.data.base import MultiDomainDataset
 from dgkit.data.transforms import LoadImage, pipeline
 from dgkit.errors import ConfigError, DGKitError
+from dgkit.plugins import register
 
 
 def import_wilds() -> Any:
@@ -170,6 +171,7 @@ class _Evaluate:
         return results
 
 
+@register("camelyon17")
 class Camelyon17(WildsDomains):
     """Camelyon17-WILDS: tumour patches from five hospitals; trained on three, OOD
     validation on hospital 1, test on hospital 2; official metric: accuracy."""
@@ -180,6 +182,7 @@ class Camelyon17(WildsDomains):
     headline_metrics = ("acc_avg", "acc_wg")
 
 
+@register("iwildcam")
 class IWildCam(WildsDomains):
     """iWildCam2020-WILDS: camera-trap species; domains are camera locations; official
     metric: macro F1 (WILDS selects on OOD validation macro F1)."""
@@ -192,6 +195,7 @@ class IWildCam(WildsDomains):
         "val": ("id_val",), "ood_val": ("val",), "test": ("test", "id_test")}
 
 
+@register("fmow")
 class FMoW(WildsDomains):
     """FMoW-WILDS: satellite images by region and year; official metric: worst-region
     accuracy on the OOD test years."""

@@ -1,6 +1,7 @@
 """dgkit's built-in algorithms, registered through the ``dgkit`` entry point like any plugin."""
 
 from dgkit import hookimpl
+from dgkit.plugins import registered_in
 from dgkit_algorithms.adanpc import AdaNPC
 from dgkit_algorithms.bonsai import Bonsai
 from dgkit_algorithms.diversify import DBAT, DivDis
@@ -10,10 +11,10 @@ from dgkit_algorithms.itta import ITTA
 from dgkit_algorithms.sam import ASAM, SAM
 from dgkit_algorithms.udim import UDIM
 
+__all__ = ["ASAM", "DBAT", "DRM", "ERM", "ITTA", "SAM", "UDIM", "AdaNPC", "Bonsai", "DivDis"]
+
 
 @hookimpl
 def dgkit_algorithms():
-    return {
-        "erm": ERM, "sam": SAM, "asam": ASAM, "udim": UDIM, "adanpc": AdaNPC, "itta": ITTA,
-        "divdis": DivDis, "dbat": DBAT, "drm": DRM, "bonsai": Bonsai,
-    }
+    # Each alias is given where its algorithm is defined (@register).
+    return registered_in(__name__)

@@ -8,24 +8,29 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from dgkit import Algorithm, Backbone, Batch, Optimization, Task
+from dgkit import Algorithm, Backbone, Task, register
+from dgkit.algorithm import Wrapper
 from dgkit.distributed import gather_rows
-from dgkit.errors import ConfigError, check
+from dgkit.errors import ConfigError, DGKitError, check, check_choice
 from dgkit_algorithms.erm import ERM
 
+Confidence = Literal["vote", "reference"]
 
-class AdaNPC(Algorithm):
+
+@register("adanpc")
+class AdaNPC(Wrapper):
     """Train any base algorithm; at test time predict by voting among the ``k`` most
-    cosine-similar memory entries, then add the confident test features to the memory."""
+    cosine-similar memory entries, then add the confident test features to the memory.
+    Training, stages and heads are the base's (see ``dgkit.algorithm.Wrapper``)."""
 
     adapts_at_test = True
 
     def __init__(self, task: Task, backbone: Backbone,
                  base: Callable[[Task, Backbone], Algorithm] = ERM, k: int = 100,
                  temperature: float = 0.1, beta: float = 0.1,
-                 confidence: Literal["vote", "reference"] = "vote", memory_cap: int | None = None):
+                 confidence: Confidence = "vote", memory_cap: int | None = None):
         """
         Args:
             base: the algorithm that trains the featurizer (``--model.algorithm.base sam``).
@@ -39,50 +44,28 @@ class AdaNPC(Algorithm):
             memory_cap: keep at most this many test entries (FIFO); ``None``: unbounded,
                 as in the reference.
         """
-        super().__init__(task, backbone)
+        super().__init__(task, backbone, base)
         check(k >= 1, "model.algorithm.k", f"{k}", ">= 1")
         check(temperature > 0, "model.algorithm.temperature", f"{temperature}", "> 0")
-        check(confidence in ("vote", "reference"), "model.algorithm.confidence",
-              f"{confidence!r}", "vote, reference")
+        check_choice(confidence, Confidence, "model.algorithm.confidence")
         check(memory_cap is None or memory_cap >= 0, "model.algorithm.memory_cap",
               f"{memory_cap}", ">= 0 or null")
-        self.base = base(task, backbone)
-        if not hasattr(self.base, "featurizer"):
-            raise ConfigError("model.algorithm.base", f"{type(self.base).__name__} has no "
-                              "featurizer to build a memory from", "algorithms with .featurizer")
-        self.manual_optimization = self.base.manual_optimization
+        try:
+            self.base.representation()  # the featurizer the memory embeds with
+        except DGKitError:
+            raise ConfigError("model.algorithm.base", f"{type(self.base).__name__} has no single "
+                              "featurizer to build a memory from",
+                              "algorithms with a representation()") from None
         self.k, self.temperature, self.beta = k, temperature, beta
         self.confidence, self.memory_cap = confidence, memory_cap
         self.memory = torch.empty(0)
         self.memory_labels = torch.empty(0, dtype=torch.long)
         self.base_size = 0
 
-    # Training is the base algorithm's.
-    def training_loss(self, batch: Batch):
-        return self.base.training_loss(batch)
-
-    def training_update(self, batch: Batch, opt: Optimization):
-        return self.base.training_update(batch, opt)
-
-    def parameter_groups(self):
-        return self.base.parameter_groups()
-
-    def extra_optimizers(self, make):
-        return self.base.extra_optimizers(make)
-
-    def representation(self):
-        return self.base.representation()
-
-    def classifiers(self) -> dict[str, nn.Module]:
-        return {f"base.{name}": m for name, m in self.base.classifiers().items()}
-
-    def forward(self, x: Tensor) -> Tensor:
-        """The base model's own prediction (AdaNPC without its memory)."""
-        return self.base(x)
-
     # --- the memory -----------------------------------------------------------------
     def embed(self, x: Tensor) -> Tensor:
-        return F.normalize(self.base.featurizer(x), dim=1)
+        featurizer, _ = self.base.representation()  # D-BAT's: the chosen member's
+        return F.normalize(featurizer(x), dim=1)
 
     def prepare_adaptation(self, source: Callable[[], Iterable[tuple[Tensor, Tensor]]]) -> None:
         feats, labels = [], []

@@ -18,11 +18,11 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
+from dgkit import register
 from dgkit.algorithm import Algorithm, Batch
-from dgkit.errors import check
+from dgkit.errors import check, check_choice
 from dgkit.networks import Backbone
 from dgkit.task import Task
 
@@ -44,14 +44,13 @@ def group_losses(per_sample: Tensor, groups: Tensor) -> tuple[Tensor, Tensor]:
     return losses, counts > 0
 
 
+@register("bonsai")
 class Bonsai(Algorithm):
     """Rich Feature Construction: ``rounds`` discovery networks, then their synthesis.
 
     Heads (``num_heads = rounds + 1``): each discovered network, then the synthesis
     network with its averaged head, which is also ``forward``.
     """
-
-    unused_parameters = True  # each stage trains one network
 
     def __init__(self, task: Task, backbone: Backbone, rounds: int = 2, robust: Robust = "max",
                  group_step: float = 0.01, balance: bool = True,
@@ -77,7 +76,7 @@ class Bonsai(Algorithm):
         """
         super().__init__(task, backbone)
         check(rounds >= 1, "model.algorithm.rounds", f"{rounds}", ">= 1")
-        check(robust in ("max", "groupdro"), "model.algorithm.robust", f"{robust!r}", "max, groupdro")
+        check_choice(robust, Robust, "model.algorithm.robust")
         check(stage_steps is None or (len(stage_steps) == rounds + 1 and min(stage_steps) >= 1),
               "model.algorithm.stage_steps", f"{stage_steps}",
               f"{rounds + 1} positive step counts (each discovery round, then synthesis)")
@@ -123,15 +122,17 @@ class Bonsai(Algorithm):
             self.snapshot.load_state_dict(self.discovered[stage].state_dict())
             self.snapshot_score.fill_(score)
 
-    def end_stage(self, name: str) -> None:
+    def end_stage(self, name: str) -> str | None:
+        note = None
         if name.startswith("discovery-") and torch.isfinite(self.snapshot_score):
             # Later rounds group by the *selected* network's mistakes, not the last one's.
             k = int(name.split("-")[1])
             self.discovered[k].load_state_dict(self.snapshot.state_dict())
-            rank_zero_info(f"Bonsai: round {k} keeps its weights of best source validation "
-                           f"accuracy ({self.snapshot_score.item():.4f})")
+            note = (f"Bonsai: round {k} keeps its weights of best source validation "
+                    f"accuracy ({self.snapshot_score.item():.4f})")
         self.snapshot_score.fill_(float("-inf"))
         self.group_weights.fill_(1.0)
+        return note
 
     def train(self, mode: bool = True) -> Bonsai:
         super().train(mode)

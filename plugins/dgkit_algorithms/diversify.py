@@ -16,10 +16,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dgkit import Algorithm, Backbone, Batch, Task
-from dgkit.errors import ConfigError, DGKitError, check
+from dgkit import Algorithm, Backbone, Batch, Task, register
+from dgkit.errors import ConfigError, DGKitError, check, check_choice
 
 Selection = Literal["source_val", "target_queries"]
+RegMode = Literal["kl_backward", "kl_forward", "none"]
+Variant = Literal["v1", "v2"]
 
 
 class SelectsHead(Algorithm):
@@ -37,13 +39,16 @@ class SelectsHead(Algorithm):
 
     def _init_selection(self, num_heads: int, selection: Selection, num_queries: int) -> None:
         check(num_heads >= 2, "model.algorithm.heads", f"{num_heads}", ">= 2")
-        check(selection in ("source_val", "target_queries"), "model.algorithm.selection",
-              f"{selection!r}", "source_val, target_queries")
+        check_choice(selection, Selection, "model.algorithm.selection")
         self.num_heads, self.selection, self.num_queries = num_heads, selection, num_queries
         self.register_buffer("selected_head", torch.zeros((), dtype=torch.long))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head_logits(x)[:, int(self.selected_head)]
+
+    def selection_stream(self) -> str:
+        # target_queries' labels come from the held-out domains' oracle split, never the test images
+        return "oracle" if self.selection == "target_queries" else "val"
 
     def require_unlabeled(self, batch: Batch) -> Tensor:
         if batch.unlabeled is None:
@@ -80,13 +85,14 @@ def pairwise_mutual_information(probs: Tensor) -> Tensor:
     return mi[pairs[0], pairs[1]].mean()
 
 
+@register("divdis")
 class DivDis(SelectsHead):
     """Several heads on one featurizer, trained jointly to fit the labels and to make
     their predictions on unlabelled data mutually independent."""
 
     def __init__(self, task: Task, backbone: Backbone, heads: int = 2,
                  diversity_weight: float = 10.0, reg_weight: float = 10.0,
-                 reg_mode: Literal["kl_backward", "kl_forward", "none"] = "kl_backward",
+                 reg_mode: RegMode = "kl_backward",
                  selection: Selection = "target_queries", num_queries: int = 16):
         """
         Args:
@@ -104,8 +110,7 @@ class DivDis(SelectsHead):
         self.require_unlabeled_source(task, type(self).__name__)
         super().__init__(task, backbone)
         self._init_selection(heads, selection, num_queries)
-        check(reg_mode in ("kl_backward", "kl_forward", "none"), "model.algorithm.reg_mode",
-              f"{reg_mode!r}", "kl_backward, kl_forward, none")
+        check_choice(reg_mode, RegMode, "model.algorithm.reg_mode")
         self.diversity_weight, self.reg_weight, self.reg_mode = diversity_weight, reg_weight, reg_mode
         self.featurizer = self.build_featurizer()
         self.classifier = nn.Linear(self.featurizer.n_outputs, heads * task.num_classes)
@@ -133,15 +138,14 @@ class DivDis(SelectsHead):
                 "unlabeled_agreement": agreement}
 
 
+@register("dbat")
 class DBAT(SelectsHead):
     """D-BAT: ``models`` networks trained one after another; each fits the labels and
     disagrees with the earlier ones on unlabelled data. The run's steps are split evenly
     between the models (the stage follows the step count, so it survives a resume)."""
 
-    unused_parameters = True  # the models not in training sit out each step
-
     def __init__(self, task: Task, backbone: Backbone, models: int = 2, alpha: float = 1.0,
-                 variant: Literal["v1", "v2"] = "v1", selection: Selection = "target_queries",
+                 variant: Variant = "v1", selection: Selection = "target_queries",
                  num_queries: int = 16):
         """
         Args:
@@ -155,7 +159,7 @@ class DBAT(SelectsHead):
         self.require_unlabeled_source(task, type(self).__name__)
         super().__init__(task, backbone)
         self._init_selection(models, selection, num_queries)
-        check(variant in ("v1", "v2"), "model.algorithm.variant", f"{variant!r}", "v1, v2")
+        check_choice(variant, Variant, "model.algorithm.variant")
         self.alpha, self.variant = alpha, variant
         self.members = nn.ModuleList(
             nn.Sequential(f := self.build_featurizer(), self.build_classifier(f.n_outputs))
@@ -165,6 +169,9 @@ class DBAT(SelectsHead):
     def stage(self) -> int:
         total = self.progress.total_steps or 1
         return min(self.num_heads - 1, self.progress.step * self.num_heads // total)
+
+    def stage_name(self) -> str:
+        return f"member-{self.stage}"
 
     def head_logits(self, x: Tensor) -> Tensor:
         return torch.stack([m(x) for m in self.members], dim=1)

@@ -14,24 +14,29 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dgkit import Algorithm, Backbone, Batch, Task
+from dgkit import Algorithm, Backbone, Batch, Task, register
 from dgkit.adaptation import TestOptimizerState
-from dgkit.errors import check
+from dgkit.errors import check, check_choice
+
+Steering = Literal["sample", "batch"]
+PseudoLabel = Literal["drm", "own", "last", "uniform"]
+DomainSelector = Literal["entropy", "nn", "cosine"]
 
 
 def entropy(probs: Tensor) -> Tensor:
     return -(probs * probs.clamp_min(1e-12).log()).sum(-1)
 
 
+@register("drm")
 class DRM(TestOptimizerState, Algorithm):
     """Heads ``0..D-1`` for the source domains, head ``D`` shared; each training sample
     trains its own domain's head and the shared head."""
 
-    def __init__(self, task: Task, backbone: Backbone, selection: Literal["sample", "batch"] = "sample",
+    def __init__(self, task: Task, backbone: Backbone, selection: Steering = "sample",
                  gamma: float = -1.0, beta: float = 1.1, alpha: float = 1.0, test_lr: float = 1e-3,
-                 steps: int = 1, label: Literal["drm", "own", "last", "uniform"] = "drm",
+                 steps: int = 1, label: PseudoLabel = "drm",
                  legacy_double_softmax: bool = False,
-                 domain_selector: Literal["entropy", "nn", "cosine"] = "entropy",
+                 domain_selector: DomainSelector = "entropy",
                  bank_rows: int = 1600):
         """
         Args:
@@ -59,13 +64,10 @@ class DRM(TestOptimizerState, Algorithm):
                 ``prototype_K`` (50) batches, 1600 rows at 32 per domain.
         """
         super().__init__(task, backbone)
-        check(selection in ("sample", "batch"), "model.algorithm.selection", f"{selection!r}",
-              "sample, batch")
-        check(label in ("drm", "own", "last", "uniform"), "model.algorithm.label", f"{label!r}",
-              "drm, own, last, uniform")
+        check_choice(selection, Steering, "model.algorithm.selection")
+        check_choice(label, PseudoLabel, "model.algorithm.label")
         check(steps >= 1, "model.algorithm.steps", f"{steps}", ">= 1")
-        check(domain_selector in ("entropy", "nn", "cosine"), "model.algorithm.domain_selector",
-              f"{domain_selector!r}", "entropy, nn, cosine")
+        check_choice(domain_selector, DomainSelector, "model.algorithm.domain_selector")
         self.featurizer = self.build_featurizer()
         self.domain_selector = domain_selector
         width, n_domains = self.featurizer.n_outputs, task.num_domains
@@ -174,7 +176,6 @@ class DRM(TestOptimizerState, Algorithm):
                 else:
                     labels = target
                 loss = loss + F.cross_entropy(logits[keep, h], labels[keep])
-            self._test_optimizer.zero_grad(set_to_none=True)
-            loss.backward(inputs=list(self.heads.parameters()))
-            self._test_optimizer.step()
+            # Each rank retrains on its own confident samples (a rank may have none).
+            self.test_time_step(loss, list(self.heads.parameters()), across_ranks=False)
         return prediction.clamp_min(1e-12).log()  # predicted before this batch's update

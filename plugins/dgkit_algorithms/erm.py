@@ -3,9 +3,10 @@
 import torch.nn.functional as F
 from torch import Tensor
 
-from dgkit import Algorithm, Backbone, Batch, Task
+from dgkit import Algorithm, Backbone, Batch, Task, register
 
 
+@register("erm")
 class ERM(Algorithm):
     """Empirical Risk Minimization (Vapnik, 1998), the baseline every DG paper reports."""
 

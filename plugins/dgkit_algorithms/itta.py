@@ -12,9 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dgkit import Algorithm, Backbone, Batch, Optimization, Task
+from dgkit import Algorithm, Backbone, Batch, Optimization, Task, register
 from dgkit.adaptation import TestOptimizerState
-from dgkit.distributed import average_gradients
 from dgkit.errors import check
 from dgkit.networks import split_stages
 
@@ -52,6 +51,7 @@ def _zscore(v: Tensor) -> Tensor:
     return (v - v.mean().item()) / max(v.std().item(), 1e-12)
 
 
+@register("itta")
 class ITTA(TestOptimizerState, Algorithm):
     """Learned consistency loss in training; test-time updates of per-stage maps only."""
 
@@ -138,16 +138,9 @@ class ITTA(TestOptimizerState, Algorithm):
 
     def training_update(self, batch: Batch, opt: Optimization) -> dict[str, Tensor]:
         main, w_opt = opt.optimizers
-        # Two backward passes over different parameters: under DDP each runs unsynced and
-        # the parameters it updates average their gradients before their step.
-        with opt.no_sync():
-            return self._update(batch, opt, main, w_opt)
-
-    def _update(self, batch: Batch, opt: Optimization, main, w_opt) -> dict[str, Tensor]:
         reg, cls = self._losses(batch)
         opt.zero_grad(main)
         opt.backward(reg + cls, inputs=list(self.parameter_groups()))
-        opt.average_gradients(self.parameter_groups())
         opt.step(main)
         # Fit w so that the consistency gradient on the backbone points where the
         # classification gradient does (second fresh forward, as in the reference).
@@ -161,7 +154,6 @@ class ITTA(TestOptimizerState, Algorithm):
         penalty = self.alignment_weight * (_zscore(flat_reg) - _zscore(flat_cls)).pow(2).mean()
         opt.zero_grad(w_opt)
         opt.backward(penalty, inputs=list(self.consistency.parameters()))
-        opt.average_gradients(self.consistency.parameters())
         opt.step(w_opt)
         return {"loss": cls.detach(), "consistency": reg.detach(), "alignment": penalty.detach()}
 
@@ -170,10 +162,7 @@ class ITTA(TestOptimizerState, Algorithm):
         for _ in range(self.test_steps):
             z, z_aug = self.two_stream(x, adapted=True)
             loss = self.consistency_loss(z, z_aug) * self.test_loss_scale
-            self._test_optimizer.zero_grad(set_to_none=True)
-            loss.backward(inputs=list(self.adaptive.parameters()))
-            average_gradients(self.adaptive.parameters())  # DDP: ranks adapt as one, on the global batch
-            self._test_optimizer.step()
+            self.test_time_step(loss, list(self.adaptive.parameters()))
         with torch.no_grad():
             z, _ = self.two_stream(x, adapted=True, augment=False)
             return self.classifier(z)

@@ -6,12 +6,13 @@ import contextlib
 
 from torch import Tensor
 
-from dgkit import Backbone, Batch, Optimization, Task
+from dgkit import Backbone, Batch, Optimization, Task, register
 from dgkit.errors import check
 from dgkit.sharpness import bn_stats_frozen, perturbed, sam_perturbation
 from dgkit_algorithms.erm import ERM
 
 
+@register("sam")
 class SAM(ERM):
     """Sharpness-Aware Minimization: descend with the gradient taken at the worst point
     ``w + rho * g / ||g||`` of an L2 ball around the weights. Two forward/backward passes
@@ -49,9 +50,6 @@ class SAM(ERM):
     def training_update(self, batch: Batch, opt: Optimization) -> dict[str, Tensor]:
         loss = self.perturbation_gradient(batch, opt)
         e = sam_perturbation(self.named_trainable(), self.rho, self.adaptive, self.eta)
-        if e is None:  # overflowed fp16 gradients: let the scaler skip this step
-            opt.step()
-            return {"loss": loss.detach()}
         opt.zero_grad()
         with perturbed(e), bn_stats_frozen(self):
             perturbed_loss = self.training_loss(batch)
@@ -61,6 +59,7 @@ class SAM(ERM):
         return {"loss": loss.detach(), "perturbed_loss": perturbed_loss.detach()}
 
 
+@register("asam")
 class ASAM(SAM):
     """Adaptive SAM with the official code's defaults (rho 0.5, eta 0.01)."""
 

@@ -16,10 +16,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dgkit import Backbone, Batch, Optimization, Task
-from dgkit.errors import DGKitError, check
+from dgkit import Backbone, Batch, Optimization, Task, register
+from dgkit.errors import DGKitError, check, check_choice
 from dgkit.sharpness import bn_stats_frozen, perturbed, sam_perturbation
 from dgkit_algorithms.sam import SAM
+
+PerturbNorm = Literal["batch", "sample"]
 
 
 def per_sample_classifier_grads(z: Tensor, logits: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
@@ -47,6 +49,7 @@ def fishr_inconsistency(grads_w: Tensor, grads_b: Tensor, n_clean: int,
     return penalty + norm
 
 
+@register("udim")
 class UDIM(SAM):
     """SAM warm-up, then UDIM steps: SAM's gradient on the clean batch plus ``lam`` times
     the gradient of the source/perturbed-domain inconsistency, merged into one update."""
@@ -55,7 +58,7 @@ class UDIM(SAM):
 
     def __init__(self, task: Task, backbone: Backbone, rho: float = 0.05, rho_s: float | None = None,
                  rho_x: float = 10.0, lam: float = 1.0, warmup_fraction: float = 0.2,
-                 warmup_steps: int | None = None, perturb_norm: Literal["batch", "sample"] = "batch",
+                 warmup_steps: int | None = None, perturb_norm: PerturbNorm = "batch",
                  domain_wise: bool = True, center_on_clean: bool = True, adaptive: bool = False,
                  eta: float = 0.01, sync_perturbation: bool = False):
         """
@@ -89,8 +92,7 @@ class UDIM(SAM):
               f"{warmup_fraction} is not a fraction", "0 <= f < 1")
         check(warmup_steps is None or warmup_steps >= 0, "model.algorithm.warmup_steps",
               f"{warmup_steps} is negative", ">= 0 or null")
-        check(perturb_norm in ("batch", "sample"), "model.algorithm.perturb_norm",
-              f"{perturb_norm!r}", "batch, sample")
+        check_choice(perturb_norm, PerturbNorm, "model.algorithm.perturb_norm")
         if not isinstance(self.classifier, torch.nn.Linear):
             raise DGKitError("UDIM's per-sample gradients need a linear classifier head")
         self.rho_s = rho if rho_s is None else rho_s
@@ -143,10 +145,6 @@ class UDIM(SAM):
     def training_update(self, batch: Batch, opt: Optimization) -> dict[str, Tensor]:
         if self.in_warmup:
             return {**super().training_update(batch, opt), "warmup": torch.ones(())}
-        if torch.is_autocast_enabled(batch.x.device.type) and \
-                torch.get_autocast_dtype(batch.x.device.type) == torch.float16:
-            raise DGKitError("UDIM's double backward is unstable in fp16; use "
-                             "--trainer.precision bf16-mixed or 32")
         x, y = batch.x, batch.y
         named = list(self.named_trainable())
         sync = contextlib.nullcontext() if self.sync_perturbation else opt.no_sync()
@@ -156,7 +154,7 @@ class UDIM(SAM):
             e = sam_perturbation(named, self.rho, self.adaptive, self.eta, grads=grads)
             # 2. SAM's gradient on the clean batch at w + e (kept local under DDP).
             opt.zero_grad()
-            with perturbed(e or []), bn_stats_frozen(self):
+            with perturbed(e), bn_stats_frozen(self):
                 perturbed_loss = F.cross_entropy(self(x), y)
                 opt.backward(perturbed_loss)
         # 3. The inconsistency at w. This backward adds lam * grad(I) to SAM's gradient

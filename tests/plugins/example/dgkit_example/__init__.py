@@ -3,9 +3,11 @@
 import torch.nn.functional as F
 from torch import Tensor
 
-from dgkit import Algorithm, Backbone, Batch, Optimization, Task, hookimpl
+from dgkit import Algorithm, Backbone, Batch, Optimization, Task, hookimpl, register
+from dgkit.plugins import registered_in
 
 
+@register("smooth_erm")
 class SmoothERM(Algorithm):
     """ERM with label smoothing: the automatic-optimization path of the contract."""
 
@@ -24,6 +26,7 @@ class SmoothERM(Algorithm):
         return F.cross_entropy(self(batch.x), batch.y, label_smoothing=self.smoothing)
 
 
+@register("manual_erm")
 class ManualERM(SmoothERM):
     """The same loss driven by hand: the manual-optimization path of the contract."""
 
@@ -39,4 +42,4 @@ class ManualERM(SmoothERM):
 
 @hookimpl
 def dgkit_algorithms():
-    return {"smooth_erm": SmoothERM, "manual_erm": ManualERM}
+    return registered_in(__name__)  # the aliases given by @register above
