@@ -22,6 +22,7 @@ from helpers import train
 
 from dgkit.data import DomainDataModule
 from dgkit.data.mnist import ColoredMNIST
+from dgkit.noise import quiet_dependencies
 from dgkit_algorithms import DBAT, ERM, DivDis
 
 
@@ -39,6 +40,7 @@ def main() -> None:
     parser.add_argument("--divdis-steps", type=int, default=600)
     parser.add_argument("--dbat-steps", type=int, default=1000)
     args = parser.parse_args()
+    quiet_dependencies()
     data = DomainDataModule(ColoredMNIST(color_agreement=[0.9, 0.8, 0.5, 0.1]), batch_size=64,
                             unlabeled="domains", unlabeled_domains=["50%"])
     oracle = None
