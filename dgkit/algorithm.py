@@ -128,6 +128,13 @@ class Optimization:
     def zero_grad(self, optimizer: Optimizer | None = None) -> None:
         (optimizer or self.optimizer).zero_grad(set_to_none=True)
 
+    def reset_state(self, optimizer: Optimizer | None = None) -> None:
+        """Forget the optimizer's state (Adam's moments and step count), as a new optimizer
+        with the same settings would start (DomainBed's IRM and V-REx do it where their
+        penalty weight jumps). The state is part of the checkpoint, so resuming keeps it."""
+        opt = optimizer or self.optimizer
+        getattr(opt, "optimizer", opt).state.clear()  # Lightning's wrapper, or the optimizer
+
     @contextlib.contextmanager
     def no_sync(self) -> Iterator[None]:
         """Context in which backward passes do not all-reduce gradients under DDP."""

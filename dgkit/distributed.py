@@ -46,3 +46,12 @@ def average_gradients(params: Iterable[Tensor]) -> None:
     for g in grads:
         g.copy_(flat[offset:offset + g.numel()].view_as(g))
         offset += g.numel()
+
+
+def mean_over_ranks(t: Tensor) -> Tensor:
+    """The mean of ``t`` over every rank (a copy of ``t`` on one process)."""
+    if world_size() == 1:
+        return t
+    out = t.clone()
+    dist.all_reduce(out)
+    return out / world_size()

@@ -104,7 +104,9 @@ class LossRatio(Callback):
 # The algorithms' defaults on Rotated MNIST (DivDis and D-BAT with unlabeled data, ITTA on
 # its CNN, Bonsai over all its stages in the budget).
 NORMAL = {"erm": {}, "sam": {}, "asam": {}, "udim": {"warmup_steps": 10}, "itta": {},
-          "adanpc": {}, "drm": {}, "divdis": {}, "dbat": {}, "bonsai": {"stage_steps": [14, 13, 13]}}
+          "adanpc": {}, "drm": {}, "divdis": {}, "dbat": {}, "bonsai": {"stage_steps": [14, 13, 13]},
+          "irm": {"anneal_steps": 20}, "vrex": {"anneal_steps": 20}, "groupdro": {}, "mixup": {},
+          "coral": {}, "mmd": {}}
 
 
 @pytest.mark.parametrize("alias", NORMAL)

@@ -45,8 +45,10 @@ def test_two_devices_equal_one_device_on_the_same_global_batch(tmp_path, one_pro
 # What some algorithms need to train at all in a few steps.
 NEEDS = {"divdis": ["--data.unlabeled=source_holdout"], "dbat": ["--data.unlabeled=source_holdout"],
          "bonsai": ["--model.algorithm.rounds=1", "--model.algorithm.stage_steps=[2,2]"],
-         "itta": ["--model.backbone=mnist_cnn"], "adanpc": ["--model.algorithm.k=10"]}
-ALGORITHMS = ["erm", "sam", "asam", "udim", "itta", "adanpc", "drm", "divdis", "dbat", "bonsai"]
+         "itta": ["--model.backbone=mnist_cnn"], "adanpc": ["--model.algorithm.k=10"],
+         "irm": ["--model.algorithm.anneal_steps=2"], "vrex": ["--model.algorithm.anneal_steps=2"]}
+ALGORITHMS = ["erm", "sam", "asam", "udim", "itta", "adanpc", "drm", "divdis", "dbat", "bonsai",
+              "irm", "vrex", "groupdro", "mixup", "coral", "mmd"]
 
 
 @pytest.mark.slow

@@ -1,0 +1,94 @@
+"""Aligning the source domains' feature distributions: CORAL (Sun and Saenko, 2016; Deep
+CORAL) and MMD (Li et al., CVPR 2018), as DomainBed implements them: the penalty is the
+mean over pairs of source domains, added to the mean per-domain risk."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from dgkit import Backbone, Batch, Task, register
+from dgkit_algorithms.erm import ERM
+
+GAMMAS = (0.001, 0.01, 0.1, 1, 10, 100, 1000)  # DomainBed's bandwidths of the Gaussian kernels
+
+
+def coral_distance(x: Tensor, y: Tensor) -> Tensor:
+    """Mean squared difference of the feature means plus that of the covariances."""
+    mean_x, mean_y = x.mean(0, keepdim=True), y.mean(0, keepdim=True)
+    cent_x, cent_y = x - mean_x, y - mean_y
+    cova_x = cent_x.t() @ cent_x / (len(x) - 1)
+    cova_y = cent_y.t() @ cent_y / (len(y) - 1)
+    return (mean_x - mean_y).pow(2).mean() + (cova_x - cova_y).pow(2).mean()
+
+
+def gaussian_kernel(x: Tensor, y: Tensor, gammas: tuple[float, ...] = GAMMAS) -> Tensor:
+    """Sum of ``exp(-g ||x_i - y_j||^2)`` over the bandwidths. Written op for op as DomainBed's
+    (in place, clamped): the kernel is so steep at g = 1000 that another order of the same
+    operations rounds differently, and Adam turns that into lr-sized parameter differences."""
+    x_norm = x.pow(2).sum(dim=-1, keepdim=True)
+    y_norm = y.pow(2).sum(dim=-1, keepdim=True)
+    d = torch.addmm(y_norm.transpose(-2, -1), x, y.transpose(-2, -1), alpha=-2).add_(x_norm)
+    d = d.clamp_min_(1e-30)
+    k = torch.zeros_like(d)
+    for g in gammas:
+        k.add_(torch.exp(d.mul(-g)))
+    return k
+
+
+def mmd_distance(x: Tensor, y: Tensor) -> Tensor:
+    """The (biased) squared MMD with the multi-bandwidth Gaussian kernel."""
+    return gaussian_kernel(x, x).mean() + gaussian_kernel(y, y).mean() - 2 * gaussian_kernel(x, y).mean()
+
+
+class FeatureAlignment(ERM):
+    """Per-domain risk plus ``gamma`` times a distance between every pair of domains' features."""
+
+    def __init__(self, task: Task, backbone: Backbone, gamma: float = 1.0):
+        super().__init__(task, backbone)
+        self.gamma = gamma
+
+    def distance(self, x: Tensor, y: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def training_loss(self, batch: Batch) -> dict[str, Tensor]:
+        domains = batch.per_domain()
+        features = [self.featurizer(x) for x, _ in domains]  # one pass per domain, as DomainBed
+        risk = torch.stack([F.cross_entropy(self.classifier(f), y)
+                            for f, (_, y) in zip(features, domains, strict=True)]).mean()
+        pairs = [(i, j) for i in range(len(features)) for j in range(i + 1, len(features))]
+        penalty = (torch.stack([self.distance(features[i], features[j]) for i, j in pairs]).mean()
+                   if pairs else risk.new_zeros(()))
+        return {"loss": risk + self.gamma * penalty, "nll": risk.detach(), "penalty": penalty.detach()}
+
+
+@register("coral")
+class CORAL(FeatureAlignment):
+    """Deep CORAL: match the means and covariances of the domains' features."""
+
+    def __init__(self, task: Task, backbone: Backbone, gamma: float = 1.0):
+        """
+        Args:
+            gamma: weight of the alignment penalty (DomainBed's ``mmd_gamma``).
+        """
+        super().__init__(task, backbone, gamma)
+
+    def distance(self, x: Tensor, y: Tensor) -> Tensor:
+        return coral_distance(x, y)
+
+
+@register("mmd")
+class MMD(FeatureAlignment):
+    """MMD-AAE's alignment term, as DomainBed's MMD: match the domains' feature
+    distributions under a sum of Gaussian kernels."""
+
+    def __init__(self, task: Task, backbone: Backbone, gamma: float = 1.0):
+        """
+        Args:
+            gamma: weight of the MMD penalty (DomainBed's ``mmd_gamma``).
+        """
+        super().__init__(task, backbone, gamma)
+
+    def distance(self, x: Tensor, y: Tensor) -> Tensor:
+        return mmd_distance(x, y)
