@@ -19,8 +19,8 @@ from torch import Tensor
 
 from dgkit.algorithm import Algorithm
 from dgkit.distributed import average_gradients
-from dgkit.errors import ConfigError, DGKitError, check_choice
-from dgkit.heads import validation_loaders
+from dgkit.errors import ConfigError, check_choice
+from dgkit.heads import data_module_method, validation_loaders
 from dgkit.results import ResultsContributor
 
 Reset = Literal["domain", "batch"]
@@ -144,14 +144,12 @@ class TestTimeAdaptation(Callback, ResultsContributor):
                 loop.inference_mode = False
 
     def _open(self, trainer: Trainer, pl_module: LightningModule, include_holdout: bool) -> None:
-        datamodule = trainer.datamodule
-        algorithm = self.stage.algorithm
-        if datamodule is None or not hasattr(datamodule, "source_eval_dataloader"):
-            raise DGKitError(f"{type(algorithm).__name__} adapts at test time and needs the "
-                             "source domains: evaluate with a DomainDataModule (datamodule=...)")
+        source_loader = data_module_method(
+            trainer, "source_eval_dataloader",
+            f"{type(self.stage.algorithm).__name__} adapts at test time and needs the source domains")
 
         def source():
-            for x, y, *_ in datamodule.source_eval_dataloader(include_holdout):
+            for x, y, *_ in source_loader(include_holdout):
                 yield x.to(pl_module.device), y.to(pl_module.device)
 
         self.stage.begin(source)

@@ -33,13 +33,13 @@ class StreamMetrics(nn.Module):
         if unadapted:
             self.streams[UNADAPTED] = self.streams["test"]
 
-        def collection(stage: str) -> MetricCollection:
+        def collection() -> MetricCollection:
             metrics = {n: f(task) for n, f in factories.items()}
             if task.evaluator is not None:
                 metrics["official"] = OfficialEvaluation(task.evaluator)
             return MetricCollection(metrics)
 
-        self.domains = nn.ModuleDict({stage: nn.ModuleList(collection(stage) for _ in names_)
+        self.domains = nn.ModuleDict({stage: nn.ModuleList(collection() for _ in names_)
                                       for stage, names_ in self.streams.items()})
         self.heads = nn.ModuleDict({
             stage: nn.ModuleList(MetricCollection({f"accuracy_head{h}": accuracy_metric(task)

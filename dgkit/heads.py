@@ -36,11 +36,16 @@ class HeadSelection(Callback, ResultsContributor):
         return {"head_selection": self.selection} if self.selection else {}
 
 
+def data_module_method(trainer: Trainer, method: str, why: str) -> Any:
+    """``trainer.datamodule.<method>``, refused in one line when the data module has none
+    (data given as bare loaders, or a data module other than ``DomainDataModule``)."""
+    found = getattr(trainer.datamodule, method, None)
+    if found is None:
+        raise DGKitError(f"{why}: evaluate with a DomainDataModule (datamodule=...)")
+    return found
+
+
 def validation_loaders(trainer: Trainer, stage: str, why: str) -> list:
     """The data module's loaders of one validation stage (``DomainDataModule``'s
     ``validation_dataloaders``)."""
-    datamodule = trainer.datamodule
-    if datamodule is None or not hasattr(datamodule, "validation_dataloaders"):
-        raise DGKitError(f"{why} on labelled validation data: evaluate with a DomainDataModule "
-                         "(datamodule=...)")
-    return datamodule.validation_dataloaders(stage)
+    return data_module_method(trainer, "validation_dataloaders", f"{why} on labelled validation data")(stage)

@@ -275,8 +275,8 @@ class DGModule(LightningModule):
 
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict:
         x = batch[0]
-        stage = self.test_time
-        logits = stage.predict(("predict", dataloader_idx), x) if stage is not None else self.algorithm(x)
+        tta = self.test_time
+        logits = tta.predict(("predict", dataloader_idx), x) if tta is not None else self.algorithm(x)
         return {"logits": logits, "prediction": logits.argmax(1),
                 "domain": self.task.stages["test"][dataloader_idx]}
 

@@ -4,6 +4,8 @@ mean over pairs of source domains, added to the mean per-domain risk."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -45,12 +47,16 @@ def mmd_distance(x: Tensor, y: Tensor) -> Tensor:
 class FeatureAlignment(ERM):
     """Per-domain risk plus ``gamma`` times a distance between every pair of domains' features."""
 
+    #: the distance between two domains' features, ``(x, y) -> scalar``
+    distance: Callable[[Tensor, Tensor], Tensor]
+
     def __init__(self, task: Task, backbone: Backbone, gamma: float = 1.0):
+        """
+        Args:
+            gamma: weight of the alignment penalty (DomainBed's ``mmd_gamma``).
+        """
         super().__init__(task, backbone)
         self.gamma = gamma
-
-    def distance(self, x: Tensor, y: Tensor) -> Tensor:
-        raise NotImplementedError
 
     def training_loss(self, batch: Batch) -> dict[str, Tensor]:
         domains = batch.per_domain()
@@ -67,15 +73,7 @@ class FeatureAlignment(ERM):
 class CORAL(FeatureAlignment):
     """Deep CORAL: match the means and covariances of the domains' features."""
 
-    def __init__(self, task: Task, backbone: Backbone, gamma: float = 1.0):
-        """
-        Args:
-            gamma: weight of the alignment penalty (DomainBed's ``mmd_gamma``).
-        """
-        super().__init__(task, backbone, gamma)
-
-    def distance(self, x: Tensor, y: Tensor) -> Tensor:
-        return coral_distance(x, y)
+    distance = staticmethod(coral_distance)
 
 
 @register("mmd")
@@ -83,12 +81,4 @@ class MMD(FeatureAlignment):
     """MMD-AAE's alignment term, as DomainBed's MMD: match the domains' feature
     distributions under a sum of Gaussian kernels."""
 
-    def __init__(self, task: Task, backbone: Backbone, gamma: float = 1.0):
-        """
-        Args:
-            gamma: weight of the MMD penalty (DomainBed's ``mmd_gamma``).
-        """
-        super().__init__(task, backbone, gamma)
-
-    def distance(self, x: Tensor, y: Tensor) -> Tensor:
-        return mmd_distance(x, y)
+    distance = staticmethod(mmd_distance)
