@@ -145,6 +145,9 @@ CASES = [
     ("diverging loss", _argv("fit", "--model.optimizer.lr", "1e6", "--model.backbone", "mlp", *QUIET),
      "training diverged: train/loss has stayed above 1000x its starting value"),
     ("unknown algorithm", _argv("fit", "--algo", "ermm"), "unknown algorithm 'ermm'. Did you mean 'erm'?"),
+    ("double backward in fp16", _argv("fit", "--algo", "udim", "--trainer.precision", "16-true",
+                                      "--model.backbone", "mlp", *QUIET),
+     "trainer.precision: UDIM's double backward is unstable in fp16 (allowed: bf16-mixed, 32)"),
 ]
 
 

@@ -60,6 +60,9 @@ def test_every_algorithm_fits_and_tests_on_two_processes(alias, tmp_path):
                    *NEEDS.get(alias, []), *QUIET, cwd=tmp_path)
     _table_once(result)
     assert (tmp_path / "runs" / "version_0" / "test_results.json").is_file()
+    if alias == "dbat":  # each member is a stage, kept beside the run's checkpoints
+        kept = sorted(p.name for p in (tmp_path / "runs/version_0/checkpoints").glob("stage-*.ckpt"))
+        assert kept == ["stage-member-0.ckpt", "stage-member-1.ckpt"], kept
 
 
 def test_evaluation_commands_under_two_processes_write_beside_the_run(tmp_path, one_process):
