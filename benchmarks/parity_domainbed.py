@@ -16,7 +16,6 @@ DomainBed is not a dependency: give the path of a checkout of facebookresearch/D
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 from pathlib import Path
 
@@ -43,7 +42,27 @@ ALGORITHMS = {
     "Mixup": ("mixup", {"mixup_alpha": 0.2}, {"alpha": 0.2}),
     "CORAL": ("coral", {"mmd_gamma": 1.0}, {"gamma": 1.0}),
     "MMD": ("mmd", {"mmd_gamma": 1.0}, {"gamma": 1.0}),
+    "MLDG": ("mldg", {"mldg_beta": 1.0, "n_meta_test": 2}, {"beta": 1.0, "n_meta_test": 2}),
+    "Fish": ("fish", {"meta_lr": 0.5}, {"meta_lr": 0.5}),
+    "DANN": ("dann", {"lambda": 1.0, "d_steps_per_g_step": 1, "grad_penalty": 0.0, "beta1": 0.5,
+                      "lr_d": 1e-3, "lr_g": 1e-3, "weight_decay_d": 0.0, "weight_decay_g": 0.0},
+             {"lam": 1.0, "d_steps_per_g": 1, "beta1": 0.5}),
+    "CDANN": ("cdann", {"lambda": 1.0, "d_steps_per_g_step": 1, "grad_penalty": 0.1, "beta1": 0.5,
+                        "lr_d": 1e-3, "lr_g": 1e-3, "weight_decay_d": 0.0, "weight_decay_g": 0.0},
+              {"lam": 1.0, "d_steps_per_g": 1, "grad_penalty": 0.1, "beta1": 0.5}),
+    "MTL": ("mtl", {"mtl_ema": 0.99}, {"ema": 0.99, "noise_embedding": True}),
+    "SagNet": ("sagnet", {"sag_w_adv": 0.1}, {"w_adv": 0.1}),
+    "ARM": ("arm", {}, {"train_context": False}),
+    "RSC": ("rsc", {"rsc_f_drop_factor": 1 / 3, "rsc_b_drop_factor": 1 / 3},
+            {"f_drop_factor": 1 / 3, "b_drop_factor": 1 / 3}),
+    "SD": ("sd", {"sd_reg": 0.1}, {"reg": 0.1}),
+    "ANDMask": ("andmask", {"tau": 0.6}, {"tau": 0.6}),
+    "SANDMask": ("sandmask", {"tau": 0.5, "k": 10.0}, {"tau": 0.5, "k": 10.0}),
+    "IGA": ("iga", {"penalty": 1000.0}, {"penalty": 1000.0}),
 }
+# The networks compared: all of dgkit's algorithm but Fish's scratch clone (DomainBed
+# rebuilds it every step instead).
+COMPARED = {"Fish": lambda algo: nn.Sequential(algo.featurizer, algo.classifier)}
 
 
 def import_domainbed(root: Path):
@@ -55,10 +74,12 @@ def import_domainbed(root: Path):
     return algorithms, hparams_registry
 
 
-def layers(network: nn.Module) -> list[nn.Module]:
-    """Convolutions, then group norms, then linear layers, each in order: the same layout in
-    both MNIST CNNs, whose modules are registered in different orders."""
-    kinds = (nn.Conv2d, nn.GroupNorm, nn.Linear)
+KINDS = (nn.Conv2d, nn.GroupNorm, nn.BatchNorm2d, nn.Linear, nn.Embedding)
+
+
+def layers(network: nn.Module, kinds: tuple[type, ...] = KINDS) -> list[nn.Module]:
+    """The layers of each kind, each kind in order: the same layout in both MNIST CNNs,
+    whose modules are registered in different orders."""
     return [m for kind in kinds for m in network.modules() if type(m) is kind]
 
 
@@ -82,19 +103,25 @@ def run(name: str, algorithms, hparams_registry, batches, task, optimizer_name: 
     torch.manual_seed(0)
     mine = registry("algorithm").get(alias).obj(task, Backbone("mnist_cnn"), **ours)
     hparams = hparams_registry.default_hparams(name, "RotatedMNIST")
-    hparams.update({"lr": 1e-3, "weight_decay": 0.0, "nonlinear_classifier": False, **theirs})
+    hparams.update({"lr": 1e-3, "weight_decay": 0.0, "nonlinear_classifier": False,
+                    "batch_size": len(batches[0][0][1]), **theirs})
     reference = algorithms.get_algorithm_class(name)(task.input_shape, task.num_classes,
                                                       task.num_domains, hparams)
-    our_layers, their_layers = layers(mine), layers(reference.network)
+    compared = COMPARED.get(name, lambda algo: algo)(mine)
+    # kinds only DomainBed builds are unused there (DANN's class embeddings)
+    kinds = tuple(k for k in KINDS if layers(compared, (k,)))
+    our_layers, their_layers = layers(compared, kinds), layers(reference, kinds)
     with torch.no_grad():
         for ours_m, theirs_m in zip(our_layers, their_layers, strict=True):
             for p, q in zip(ours_m.parameters(), theirs_m.parameters(), strict=True):
                 q.copy_(p)
     optimizer = OPTIMIZERS[optimizer_name](mine.parameter_groups())
     if optimizer_name != "adam":  # DomainBed's algorithms build Adam themselves
-        reference.optimizer = OPTIMIZERS[optimizer_name](reference.network.parameters())
-    handle = Optimization([optimizer], lambda loss, **kw: loss.backward(**kw), lambda o: o.step(),
-                          contextlib.nullcontext)
+        for attribute, value in list(vars(reference).items()):
+            if isinstance(value, torch.optim.Optimizer):
+                params = [p for group in value.param_groups for p in group["params"]]
+                setattr(reference, attribute, OPTIMIZERS[optimizer_name](params))
+    extras = mine.extra_optimizers(Optimization.standalone([optimizer]).make)
     differences = []
     for step, domains in enumerate(batches):
         torch.manual_seed(1000 + step)
@@ -107,7 +134,7 @@ def run(name: str, algorithms, hparams_registry, batches, task, optimizer_name: 
         mine.progress.step = step
         mine.train()
         if mine.manual_optimization:
-            mine.training_update(batch, handle)
+            mine.training_update(batch, Optimization.standalone([optimizer, *extras]))
         else:
             out = mine.training_loss(batch)
             loss = out["loss"] if isinstance(out, dict) else out

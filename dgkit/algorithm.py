@@ -89,15 +89,35 @@ class Progress:
 class Optimization:
     """What a manual-optimization algorithm may do to its optimizers.
 
-    The module creates it; methods route through Lightning so precision, DDP gradient
-    sync and gradient clipping stay correct.
+    The module creates one for every training step; methods route through Lightning so
+    precision, DDP gradient sync and gradient clipping stay correct.
     """
 
     def __init__(self, optimizers: list[Optimizer], backward: Callable[..., None],
-                 step: Callable[[Optimizer], None], no_sync: Callable[[], contextlib.AbstractContextManager]):
+                 step: Callable[[Optimizer, bool], bool],
+                 no_sync: Callable[[], contextlib.AbstractContextManager],
+                 make: Callable[..., Optimizer] | None = None):
         self.optimizers = optimizers
-        self._backward, self._step, self._no_sync = backward, step, no_sync
+        self._backward, self._step, self._no_sync, self._make = backward, step, no_sync, make
         self._unsynced = 0  # depth of no_sync() blocks the algorithm opened
+        self._stepped = False
+
+    @classmethod
+    def standalone(cls, optimizers: list[Optimizer]) -> Optimization:
+        """A handle on plain optimizers, without Lightning (one process, no precision
+        plugin, no clipping): to drive ``training_update`` from a script or a test."""
+        main = optimizers[0]
+
+        def step(optimizer: Optimizer, count: bool) -> bool:
+            optimizer.step()
+            return count
+
+        def make(params, lr_scale: float = 1.0, **overrides) -> Optimizer:
+            settings = {**main.defaults, "lr": main.defaults["lr"] * lr_scale, **overrides}
+            return type(main)(params, **settings)
+
+        return cls(list(optimizers), lambda loss, **kw: loss.backward(**kw), step,
+                   contextlib.nullcontext, make)
 
     @property
     def optimizer(self) -> Optimizer:
@@ -122,8 +142,20 @@ class Optimization:
         average_gradients(inputs)
 
     def step(self, optimizer: Optimizer | None = None) -> None:
-        """Clip (if configured) and step ``optimizer`` (default: the main one)."""
-        self._step(optimizer or self.optimizer)
+        """Clip (if configured) and step ``optimizer`` (default: the main one). The first
+        step of a training step, whichever of the configured optimizers takes it, is the one
+        Lightning counts:
+        ``global_step`` (and ``max_steps``) count batches, also for algorithms whose batch
+        steps only another optimizer (DANN's discriminator turns, Fish's inner loop)."""
+        if self._step(optimizer or self.optimizer, not self._stepped):
+            self._stepped = True
+
+    def make(self, params: Iterable[Tensor] | list[dict], lr_scale: float = 1.0, **overrides) -> Optimizer:
+        """A fresh optimizer of the configured class and settings (``lr_scale`` times its
+        lr), e.g. for an inner loop on a copy of the network (MLDG)."""
+        if self._make is None:
+            raise DGKitError("this Optimization was built without an optimizer factory")
+        return self._make(params, lr_scale, **overrides)
 
     def zero_grad(self, optimizer: Optimizer | None = None) -> None:
         (optimizer or self.optimizer).zero_grad(set_to_none=True)

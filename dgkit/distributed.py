@@ -34,18 +34,22 @@ def gather_rows(t: Tensor) -> Tensor:
 
 def average_gradients(params: Iterable[Tensor]) -> None:
     """All-reduce (mean) the gradients of ``params`` in one flat buffer."""
-    if world_size() == 1:
+    average_in_place([p.grad for p in params if p.grad is not None])
+
+
+def average_in_place(tensors: Iterable[Tensor]) -> None:
+    """All-reduce (mean) ``tensors`` in place, in one flat buffer: e.g. per-domain gradients
+    taken with ``torch.autograd.grad``, before an algorithm combines them."""
+    tensors = list(tensors)
+    if world_size() == 1 or not tensors:
         return
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
+    flat = torch.cat([t.reshape(-1) for t in tensors])
     dist.all_reduce(flat)
     flat /= world_size()
     offset = 0
-    for g in grads:
-        g.copy_(flat[offset:offset + g.numel()].view_as(g))
-        offset += g.numel()
+    for t in tensors:
+        t.copy_(flat[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()
 
 
 def mean_over_ranks(t: Tensor) -> Tensor:
@@ -55,3 +59,22 @@ def mean_over_ranks(t: Tensor) -> Tensor:
     out = t.clone()
     dist.all_reduce(out)
     return out / world_size()
+
+
+def rank_disagreement(module: torch.nn.Module) -> tuple[float, str] | None:
+    """The largest relative difference of any parameter tensor across DDP ranks, and its
+    name, or None when they agree (or on one process). Every rank takes the same averaged
+    step, so trained parameters agree bit for bit; a difference means an update the
+    all-reduce never saw (gradients set by hand without ``average_gradients``)."""
+    if world_size() == 1:
+        return None
+    named = [(n, p) for n, p in module.named_parameters()]
+    if not named:
+        return None
+    local = torch.stack([p.detach().double().sum() for _, p in named])
+    scale = torch.stack([p.detach().double().abs().sum() for _, p in named]) + 1e-12
+    gathered = [torch.zeros_like(local) for _ in range(world_size())]
+    dist.all_gather(gathered, local)
+    spread = (torch.stack(gathered).amax(0) - torch.stack(gathered).amin(0)) / scale
+    worst = int(spread.argmax())
+    return None if spread[worst] == 0 else (float(spread[worst]), named[worst][0])

@@ -16,6 +16,7 @@ from typing import Any, Literal
 import torch
 from lightning import Callback, LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
@@ -28,6 +29,7 @@ from dgkit.explain import algorithm_mismatch
 from dgkit.heads import HeadSelection
 from dgkit.networks import Backbone, speed_up
 from dgkit.plugins import qualified_name, registry
+from dgkit.rank_agreement import RankAgreement
 from dgkit.representation import CHECKPOINT_KEY, InitFrom, representation_prefixes
 from dgkit.rng import rng_states, set_rng_states
 from dgkit.stages import Stages
@@ -133,7 +135,7 @@ class DGModule(LightningModule):
         self.test_time: TestTimeStage | None = None
         # Made once: Lightning asks configure_callbacks again for every fit/test call, and
         # their state (finished stages, choices made) must outlive each.
-        self.components: list[Callback] = [Stages(), HeadSelection()]
+        self.components: list[Callback] = [Stages(), HeadSelection(), RankAgreement()]
         if self.algorithm.adapts_at_test:
             self.components.append(TestTimeAdaptation(self.algorithm, adaptation, adapt_validation, tta_grid))
         if init_from is not None:
@@ -175,19 +177,19 @@ class DGModule(LightningModule):
     def _optimization(self) -> Optimization:
         optimizers = self.optimizers()
         optimizers = list(optimizers) if isinstance(optimizers, list) else [optimizers]
-        return Optimization(optimizers, self.manual_backward, self._manual_step, self._no_sync)
+        return Optimization(optimizers, self.manual_backward, self._manual_step, self._no_sync,
+                            self._make_optimizer)
 
-    def _manual_step(self, optimizer) -> None:
+    def _manual_step(self, optimizer, count: bool) -> bool:
         if self.hparams.clip_grad_norm is not None:
             self.clip_gradients(optimizer, self.hparams.clip_grad_norm, "norm")
-        main = self.optimizers()
-        main = main[0] if isinstance(main, list) else main
-        if optimizer is main:
+        if count and isinstance(optimizer, LightningOptimizer):
             optimizer.step()
-        else:
-            # Extra optimizers step outside Lightning's counter, so global_step (and
-            # max_steps) count batches, not optimizer calls.
-            getattr(optimizer, "optimizer", optimizer).step()
+            return True
+        # Further steps in the same batch go around Lightning's counter, so global_step
+        # (and max_steps) count batches, not optimizer calls.
+        getattr(optimizer, "optimizer", optimizer).step()
+        return False
 
     def _no_sync(self) -> contextlib.AbstractContextManager:
         strategy = self.trainer.strategy

@@ -69,12 +69,9 @@ def source_batch(data: DomainDataModule, n_per_domain: int = 256) -> tuple[torch
 
 def plain_optimization(optimizer: torch.optim.Optimizer):
     """An ``Optimization`` handle without Lightning, for single-step tests."""
-    import contextlib
-
     from dgkit.algorithm import Optimization
 
-    return Optimization([optimizer], lambda loss, **kw: loss.backward(**kw), lambda opt: opt.step(),
-                        contextlib.nullcontext)
+    return Optimization.standalone([optimizer])
 
 
 class KillAtStep(Callback):

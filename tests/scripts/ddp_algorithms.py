@@ -1,0 +1,59 @@
+"""Fit each named algorithm for a few steps on two CPU processes (DDP over gloo), all in one
+pair of processes (Lightning's launcher starts the second with this same command line), and
+print per algorithm the step reached and whether the two ranks hold the same parameters.
+
+    python tests/scripts/ddp_algorithms.py ALIAS[:key=value,...] ...
+
+An ALIAS with a dot is a class path (``module.Class``) instead.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import sys
+
+from lightning import Trainer, seed_everything
+
+from dgkit.data import DomainDataModule
+from dgkit.data.mnist import RotatedMNIST
+from dgkit.distributed import rank_disagreement
+from dgkit.module import DGModule
+from dgkit.noise import quiet_dependencies
+from dgkit.plugins import registry
+
+
+def parse(spec: str) -> tuple[str, dict]:
+    alias, _, settings = spec.partition(":")
+    hparams = {}
+    for item in filter(None, settings.split(",")):
+        key, value = item.split("=")
+        hparams[key] = type(eval(value))(eval(value))  # numbers and booleans
+    return alias, hparams
+
+
+def main() -> None:
+    quiet_dependencies()
+    for spec in sys.argv[1:]:
+        alias, hparams = parse(spec)
+        seed_everything(0)
+        data = DomainDataModule(RotatedMNIST(), batch_size=8)
+        if "." in alias:
+            module, _, name = alias.rpartition(".")
+            cls = getattr(importlib.import_module(module), name)
+        else:
+            cls = registry("algorithm").get(alias).obj
+        algorithm = functools.partial(cls, **hparams)
+        model = DGModule(algorithm=algorithm, task=data.task, backbone="mlp")
+        trainer = Trainer(accelerator="cpu", strategy="ddp", devices=2, max_steps=4, limit_val_batches=0,
+                          logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                          enable_model_summary=False, num_sanity_val_steps=0)
+        trainer.fit(model, datamodule=data)
+        found = rank_disagreement(model.algorithm)
+        if trainer.global_rank == 0:
+            verdict = "ranks agree" if found is None else f"ranks differ ({found[0]:.1e} in {found[1]})"
+            print(f"{alias}: step {trainer.global_step}, {verdict}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
