@@ -106,7 +106,8 @@ class LossRatio(Callback):
 NORMAL = {"erm": {}, "sam": {}, "asam": {}, "udim": {"warmup_steps": 10}, "itta": {},
           "adanpc": {}, "drm": {}, "divdis": {}, "dbat": {}, "bonsai": {"stage_steps": [14, 13, 13]},
           "irm": {"anneal_steps": 20}, "vrex": {"anneal_steps": 20}, "groupdro": {}, "mixup": {},
-          "coral": {}, "mmd": {}}
+          "coral": {}, "mmd": {}, "mldg": {}, "fish": {}, "dann": {}, "cdann": {}, "mtl": {}, "sagnet": {},
+          "arm": {}, "rsc": {}, "sd": {}, "andmask": {}, "sandmask": {}, "iga": {}}
 
 
 @pytest.mark.parametrize("alias", NORMAL)

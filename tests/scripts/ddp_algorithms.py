@@ -1,6 +1,7 @@
-"""Fit each named algorithm for a few steps on two CPU processes (DDP over gloo), all in one
-pair of processes (Lightning's launcher starts the second with this same command line), and
-print per algorithm the step reached and whether the two ranks hold the same parameters.
+"""Fit each named algorithm for a few steps on two CPU processes (DDP over gloo) and test it,
+all in one pair of processes (Lightning's launcher starts the second with this same command
+line), and print per algorithm the step reached, whether the two ranks hold the same
+parameters, and the test accuracy on the held-out domain.
 
     python tests/scripts/ddp_algorithms.py ALIAS[:key=value,...] ...
 
@@ -46,13 +47,15 @@ def main() -> None:
         algorithm = functools.partial(cls, **hparams)
         model = DGModule(algorithm=algorithm, task=data.task, backbone="mlp")
         trainer = Trainer(accelerator="cpu", strategy="ddp", devices=2, max_steps=4, limit_val_batches=0,
-                          logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                          enable_model_summary=False, num_sanity_val_steps=0)
+                          limit_test_batches=2, logger=False, enable_checkpointing=False,
+                          enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
         trainer.fit(model, datamodule=data)
         found = rank_disagreement(model.algorithm)
+        tested = trainer.test(model, datamodule=data, verbose=False)[0]
+        accuracy = next(v for k, v in tested.items() if k.endswith("/accuracy"))
         if trainer.global_rank == 0:
             verdict = "ranks agree" if found is None else f"ranks differ ({found[0]:.1e} in {found[1]})"
-            print(f"{alias}: step {trainer.global_step}, {verdict}", flush=True)
+            print(f"{alias}: step {trainer.global_step}, {verdict}, test accuracy {accuracy:.3f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,276 @@
+"""DomainBed's meta-learning, adversarial, context, style, regularization and gradient-matching
+algorithms: each one's characteristic computation on a small problem against a hand
+computation (step-for-step parity with DomainBed's code is benchmarks/parity_domainbed.py),
+and, shared by every DomainBed algorithm, a fit under two DDP processes whose ranks agree
+and an exact resume."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import make_task, plain_optimization
+from test_domainbed_algorithms import _fit
+
+from dgkit import Backbone, Batch
+from dgkit.plugins import registry
+from dgkit_algorithms.adversarial import CDANN, DANN
+from dgkit_algorithms.context import ARM, MTL
+from dgkit_algorithms.gradient_matching import IGA, ANDMask, Fish, SANDMask
+from dgkit_algorithms.meta_learning import MLDG, split_meta_train_test
+from dgkit_algorithms.regularization import RSC, SD
+from dgkit_algorithms.style import SagNet, randomize
+
+TASK = make_task(domains=("a", "b", "c"))
+IMAGES = make_task(input_shape=(2, 8, 8), domains=("a", "b", "c"))
+
+
+def _batch(task=TASK, n: int = 8, seed: int = 0) -> Batch:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(3 * n, *task.input_shape, generator=g)
+    y = torch.randint(0, task.num_classes, (3 * n,), generator=g)
+    return Batch(x, y, torch.arange(3).repeat_interleave(n))
+
+
+def _sgd(algo, lr=0.1):
+    return plain_optimization(torch.optim.SGD(algo.parameter_groups(), lr=lr))
+
+
+def _params(module):
+    return [p.detach().clone() for p in module.parameters()]
+
+
+def _grads(net, x, y):
+    return torch.autograd.grad(F.cross_entropy(net(x), y), list(net.parameters()))
+
+
+def test_mldg_steps_along_meta_train_plus_beta_times_meta_test_gradients():
+    torch.manual_seed(0)
+    algo, batch = MLDG(TASK, Backbone("mlp"), beta=0.5, n_meta_test=1), _batch()
+    net = copy.deepcopy(torch.nn.Sequential(algo.featurizer, algo.classifier))
+    torch.manual_seed(3)
+    pairs = split_meta_train_test(batch.per_domain(), 1)
+    expected = [torch.zeros_like(p) for p in net.parameters()]
+    for (xi, yi), (xj, yj) in pairs:  # first order: G_j at the copy moved by one SGD step on i
+        g_i = _grads(net, xi, yi)
+        moved = copy.deepcopy(net)
+        with torch.no_grad():
+            for p, g in zip(moved.parameters(), g_i, strict=True):
+                p -= 0.1 * g
+        g_j = _grads(moved, xj, yj)
+        for e, a, b in zip(expected, g_i, g_j, strict=True):
+            e += (a + 0.5 * b) / 3
+    before = _params(net)
+    torch.manual_seed(3)
+    algo.training_update(batch, _sgd(algo))
+    after = _params(torch.nn.Sequential(algo.featurizer, algo.classifier))
+    for b, a, e in zip(before, after, expected, strict=True):
+        torch.testing.assert_close(a, b - 0.1 * e)
+    assert len(pairs) == 2 and all(j[0] is not None for _, j in pairs)  # 2 meta-train, 1 meta-test
+
+
+def test_fish_moves_meta_lr_of_the_way_to_a_clone_stepped_on_each_domain_in_turn():
+    torch.manual_seed(0)
+    algo, batch = Fish(TASK, Backbone("mlp"), meta_lr=0.25), _batch()
+    net = copy.deepcopy(algo.network())
+    clone = copy.deepcopy(net)
+    for x, y in batch.per_domain():
+        grads = _grads(clone, x, y)
+        with torch.no_grad():
+            for p, g in zip(clone.parameters(), grads, strict=True):
+                p -= 0.1 * g
+    algo.training_update(batch, _sgd(algo))
+    now = algo.network().parameters()
+    for start, end, p in zip(net.parameters(), clone.parameters(), now, strict=True):
+        torch.testing.assert_close(p, start + 0.25 * (end - start))
+
+
+def test_dann_alternates_players_and_the_generator_follows_the_reversed_domain_gradient():
+    torch.manual_seed(0)
+    algo, batch = DANN(TASK, Backbone("mlp"), lam=2.0, d_steps_per_g=1, beta1=None), _batch()
+    main = torch.optim.SGD(algo.parameter_groups(), lr=0.1)
+    disc = torch.optim.SGD(algo.discriminator_parameters(), lr=0.1)
+    from dgkit.algorithm import Optimization
+    generator = [*algo.featurizer.parameters(), *algo.classifier.parameters()]
+    changed = []
+    for step in range(4):
+        algo.progress.step = step
+        before_g = [p.detach().clone() for p in generator]
+        before_d = _params(algo.discriminator)
+        if step == 0:  # the generator's turn: CE(y) - lam * CE(domain), through the features
+            z = algo.featurizer(batch.x)
+            gen = (F.cross_entropy(algo.classifier(z), batch.y)
+                   - 2.0 * F.cross_entropy(algo.discriminator(z), batch.domain))
+            expected = torch.autograd.grad(gen, generator)
+        algo.training_update(batch, Optimization.standalone([main, disc]))
+        moved_g = any(not torch.equal(a, b) for a, b in zip(before_g, generator, strict=True))
+        moved_d = any(not torch.equal(a, b)
+                      for a, b in zip(before_d, algo.discriminator.parameters(), strict=True))
+        changed.append((moved_g, moved_d))
+        if step == 0:
+            for b, p, e in zip(before_g, generator, expected, strict=True):
+                torch.testing.assert_close(p.detach(), b - 0.1 * e)
+    assert changed == [(True, False), (False, True)] * 2  # DomainBed's count: g, d, g, d
+
+
+def test_cdann_weighs_every_class_equally_in_the_discriminators_loss():
+    torch.manual_seed(0)
+    algo = CDANN(TASK, Backbone("mlp"))
+    batch = _batch()
+    batch.y = torch.tensor([0] * 20 + [1] * 4)  # unbalanced classes
+    z = algo.featurizer(batch.x)
+    out = algo.discriminator(z + algo.class_embeddings(batch.y))
+    per_sample = F.cross_entropy(out, batch.domain, reduction="none")
+    expected = (per_sample[:20].mean() + per_sample[20:].mean()) / 10  # each class 1/C of the weight
+    torch.testing.assert_close(algo.discriminator_loss(z, batch), expected)
+
+
+def test_mtl_keeps_a_moving_mean_feature_per_domain_and_feeds_it_to_the_classifier():
+    torch.manual_seed(0)
+    algo, batch = MTL(TASK, Backbone("mlp"), ema=0.5), _batch()
+    algo.training_loss(batch)
+    features = algo.featurizer(batch.x[batch.domain == 1]).detach()
+    torch.testing.assert_close(algo.embeddings[1], 0.5 * features.mean(0))  # from zeros
+    x = batch.x[:8]
+    f = algo.featurizer(x)
+    expected = algo.classifier(torch.cat([f, f.mean(0, keepdim=True).expand_as(f)], 1))
+    torch.testing.assert_close(algo(x), expected)  # test time: the batch's own mean
+    noisy = MTL(TASK, Backbone("mlp"), noise_embedding=True)
+    noisy.load_state_dict(algo.state_dict())
+    assert not torch.allclose(noisy(x), expected)  # DomainBed's .normal_() replaces it
+
+
+def test_sagnet_randomizes_style_or_content_and_each_player_learns_its_part():
+    x = torch.randn(6, 5) * torch.arange(1, 7).view(6, 1) + torch.arange(6).view(6, 1)
+    torch.manual_seed(0)
+    content = randomize(x, "content")  # every sample keeps its mean and variance
+    torch.testing.assert_close(content.mean(1), x.mean(1), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(content.var(1), x.var(1), atol=1e-3, rtol=1e-3)
+    torch.manual_seed(0)
+    style = randomize(x, "style")  # keeps the normalized content
+    normalized = (x - x.mean(1, keepdim=True)) / x.std(1, keepdim=True)
+    torch.testing.assert_close((style - style.mean(1, keepdim=True)) / style.std(1, keepdim=True), normalized,
+                               atol=1e-4, rtol=1e-4)
+    torch.manual_seed(0)
+    algo, batch = SagNet(TASK, Backbone("mlp")), _batch()
+    parts = [algo.featurizer, algo.classifier, algo.style_classifier]
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.1) for m in parts]
+    before = [_params(m) for m in parts]
+    from dgkit.algorithm import Optimization
+    out = algo.training_update(batch, Optimization.standalone(optimizers))
+    assert all(any(not torch.equal(a, b) for a, b in zip(old, m.parameters(), strict=True))
+               for old, m in zip(before, parts, strict=True))
+    assert out["adv_loss"] == pytest.approx(0.1 * np.log(10), rel=0.2)  # near-uniform style guesses
+
+
+def test_arm_gives_each_domain_its_own_mean_context_and_can_leave_the_context_net_untrained():
+    torch.manual_seed(0)
+    algo, batch = ARM(IMAGES, Backbone("mlp"), train_context=False), _batch(IMAGES)
+    algo.eval()
+    with torch.no_grad():
+        augmented = algo.contextualize(batch.x, 3)
+        context = algo.context_net(batch.x)
+    assert augmented.shape[1] == IMAGES.input_shape[0] + 1
+    for d in range(3):
+        torch.testing.assert_close(augmented[batch.domain == d, -1:], context[batch.domain == d].mean(0)
+                                   .expand(8, -1, -1, -1))
+    algo.train()
+    algo.training_loss(batch).backward()
+    assert all(p.grad is None for p in algo.context_net.parameters())  # DomainBed's ARM, reproduced
+    trained = ARM(IMAGES, Backbone("mlp"))
+    trained.training_loss(batch).backward()
+    assert all(p.grad is not None for p in trained.context_net.parameters())
+
+
+def test_rsc_mutes_the_features_with_the_largest_gradient_for_the_least_affected_samples():
+    torch.manual_seed(0)
+    algo, batch = RSC(TASK, Backbone("mlp"), f_drop_factor=0.5, b_drop_factor=0.5), _batch()
+    features = algo.featurizer(batch.x)
+    logits = algo.classifier(features)
+    one_hot = F.one_hot(batch.y, 10)
+    grads = torch.autograd.grad((logits * one_hot).sum(), features)[0]
+    mask_f = (grads < torch.quantile(grads, 0.5, dim=1, keepdim=True)).float()  # top half muted
+    muted = algo.classifier(features * mask_f)
+    drop = (F.softmax(logits, 1) * one_hot).sum(1) - (F.softmax(muted, 1) * one_hot).sum(1)
+    kept_whole = drop < torch.quantile(drop, 0.5)  # the samples whose confidence falls least
+    mask = torch.where(kept_whole.view(-1, 1), torch.ones_like(mask_f), mask_f)
+    expected = F.cross_entropy(algo.classifier(features * mask), batch.y)
+    torch.testing.assert_close(algo.training_loss(batch), expected)
+    assert 0.4 < float(mask_f.mean()) < 0.6 and int(kept_whole.sum()) == 12
+
+
+def test_sd_penalizes_the_mean_squared_logit():
+    torch.manual_seed(0)
+    algo, batch = SD(TASK, Backbone("mlp"), reg=0.3), _batch()
+    logits = algo(batch.x)
+    out = algo.training_loss(batch)
+    torch.testing.assert_close(out["loss"], F.cross_entropy(logits, batch.y) + 0.3 * logits.pow(2).mean())
+
+
+def test_and_mask_keeps_only_components_whose_signs_agree_and_sand_mask_softens_it():
+    grads = torch.tensor([[1.0, 1.0, -1.0, 0.2], [2.0, -1.0, -3.0, 0.1], [1.5, 1.0, -2.0, 0.3]])
+    and_mask = ANDMask(TASK, Backbone("mlp"), tau=1.0).mask(grads)
+    assert and_mask.tolist() == [1.0, 0.0, 1.0, 1.0]
+    assert ANDMask(TASK, Backbone("mlp"), tau=0.3).mask(grads).tolist() == [1.0, 1.0, 1.0, 1.0]
+    soft = SANDMask(TASK, Backbone("mlp"), tau=0.5, k=1.0).mask(grads)
+    assert soft[1] == 0 < soft[0] < 1 and soft[3] > soft[0]  # low variance agrees most
+    torch.manual_seed(0)
+    algo, batch = ANDMask(TASK, Backbone("mlp"), tau=1.0), _batch()
+    per_domain = [_grads(algo, x, y) for x, y in batch.per_domain()]
+    algo.training_update(batch, _sgd(algo, lr=0.0))
+    for i, p in enumerate(algo.parameters()):
+        stacked = torch.stack([g[i] for g in per_domain])
+        mask = (torch.sign(stacked).mean(0).abs() >= 1.0).float()
+        torch.testing.assert_close(p.grad, mask * stacked.mean(0) / (1e-10 + mask.mean()))
+
+
+def test_iga_penalizes_the_spread_of_the_domains_gradients_around_their_mean():
+    torch.manual_seed(0)
+    algo, batch = IGA(TASK, Backbone("mlp"), penalty=10.0), _batch()
+    per_domain = [_grads(algo, x, y) for x, y in batch.per_domain()]
+    mean = [sum(g[i] for g in per_domain) / 3 for i in range(len(per_domain[0]))]
+    spread = sum((g[i] - mean[i]).pow(2).sum() for g in per_domain for i in range(len(mean)))
+    out = algo.training_loss(batch)
+    torch.testing.assert_close(out["penalty"], spread)
+    assert out["loss"].requires_grad and algo.differentiates_twice
+
+
+# Every DomainBed algorithm in dgkit, with what it needs to act within a few steps.
+ZOO = {"irm": {"anneal_steps": 2}, "vrex": {"anneal_steps": 2}, "groupdro": {}, "mixup": {}, "coral": {},
+       "mmd": {}, "mldg": {}, "fish": {}, "dann": {}, "cdann": {"grad_penalty": 0.1}, "mtl": {},
+       "sagnet": {}, "arm": {}, "rsc": {}, "sd": {}, "andmask": {"tau": 0.6}, "sandmask": {"tau": 0.5},
+       "iga": {}}
+SCRIPT = Path(__file__).parent / "scripts" / "ddp_algorithms.py"
+
+
+def _spec(alias: str, hparams: dict) -> str:
+    return alias + (":" + ",".join(f"{k}={v}" for k, v in hparams.items()) if hparams else "")
+
+
+@pytest.mark.slow
+def test_every_domainbed_algorithm_trains_under_two_ddp_processes_whose_ranks_agree(tmp_path):
+    specs = [_spec(a, h) for a, h in ZOO.items()] + ["unsynced_algorithm.Unsynced"]
+    done = subprocess.run([sys.executable, str(SCRIPT), *specs], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = [line for line in done.stdout.splitlines() if ": step " in line]
+    assert [line.split(", test accuracy")[0] for line in lines[:-1]] == [
+        f"{alias}: step 4, ranks agree" for alias in ZOO], done.stdout
+    assert all(0 <= float(line.rsplit(" ", 1)[1]) <= 1 for line in lines), lines
+    assert lines[-1].startswith("unsynced_algorithm.Unsynced: step 4, ranks differ"), lines[-1]
+
+
+@pytest.mark.parametrize("alias", [a for a in ZOO if a not in
+                                   ("irm", "vrex", "groupdro", "mixup", "coral", "mmd")])
+def test_a_resumed_fit_ends_where_the_uninterrupted_one_does(alias, tmp_path):
+    cls = registry("algorithm").get(alias).obj
+    whole = _fit(cls, ZOO[alias], 6, tmp_path / "whole")
+    resumed = _fit(cls, ZOO[alias], 6, tmp_path / "resumed", ckpt_path=tmp_path / "whole" / "step=3.ckpt")
+    for key, value in whole.items():
+        torch.testing.assert_close(resumed[key], value, rtol=0, atol=0, msg=key)
