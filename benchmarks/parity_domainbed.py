@@ -59,6 +59,22 @@ ALGORITHMS = {
     "ANDMask": ("andmask", {"tau": 0.6}, {"tau": 0.6}),
     "SANDMask": ("sandmask", {"tau": 0.5, "k": 10.0}, {"tau": 0.5, "k": 10.0}),
     "IGA": ("iga", {"penalty": 1000.0}, {"penalty": 1000.0}),
+    "IB_ERM": ("ib_erm", {"ib_lambda": 100.0, "ib_penalty_anneal_iters": 2},
+               {"ib_lambda": 100.0, "ib_anneal_steps": 2}),
+    "IB_IRM": ("ib_irm", {"irm_lambda": 100.0, "irm_penalty_anneal_iters": 1, "ib_lambda": 100.0,
+                          "ib_penalty_anneal_iters": 3},
+               {"irm_lambda": 100.0, "irm_anneal_steps": 1, "ib_lambda": 100.0, "ib_anneal_steps": 3}),
+    "CausIRL_CORAL": ("causirl_coral", {"mmd_gamma": 1.0}, {"gamma": 1.0}),
+    "CausIRL_MMD": ("causirl_mmd", {"mmd_gamma": 1.0}, {"gamma": 1.0}),
+    "EQRM": ("eqrm", {"eqrm_quantile": 0.75, "eqrm_burnin_iters": 2, "eqrm_lr": 1e-4},
+             {"quantile": 0.75, "burnin_steps": 2, "lr_after_burnin": 1e-4}),
+    "Fishr": ("fishr", {"lambda": 1000.0, "penalty_anneal_iters": 2, "ema": 0.95},
+              {"lam": 1000.0, "anneal_steps": 2, "ema": 0.95}),
+    "SelfReg": ("selfreg", {}, {"train_projection": False}),
+    "CAD": ("cad", {"lmbda": 0.1, "temperature": 0.1, "is_normalized": False, "is_project": False,
+                    "is_flipped": True}, {"lmbda": 0.1, "temperature": 0.1}),
+    "CondCAD": ("condcad", {"lmbda": 0.1, "temperature": 0.1, "is_normalized": False, "is_project": False,
+                            "is_flipped": True}, {"lmbda": 0.1, "temperature": 0.1}),
 }
 # The networks compared: all of dgkit's algorithm but Fish's scratch clone (DomainBed
 # rebuilds it every step instead).
@@ -74,7 +90,7 @@ def import_domainbed(root: Path):
     return algorithms, hparams_registry
 
 
-KINDS = (nn.Conv2d, nn.GroupNorm, nn.BatchNorm2d, nn.Linear, nn.Embedding)
+KINDS = (nn.Conv2d, nn.GroupNorm, nn.BatchNorm2d, nn.BatchNorm1d, nn.Linear, nn.Embedding)
 
 
 def layers(network: nn.Module, kinds: tuple[type, ...] = KINDS) -> list[nn.Module]:
@@ -93,6 +109,30 @@ def minibatches(steps: int, batch_size: int) -> list[list[tuple[torch.Tensor, to
     return [[next(it) for it in iterators] for _ in range(steps)], data.task
 
 
+def backpack_without_inputs(reference) -> None:
+    """DomainBed's Fishr asks BackPACK for per-sample gradients with ``backward(inputs=
+    [classifier parameters])``; with torch 2 the module hooks BackPACK relies on then never
+    fire (no ``grad_batch``), so the same backward runs without ``inputs=`` (the extra
+    gradients are cleared by the optimizer's zero_grad before the real backward)."""
+    from collections import OrderedDict
+
+    from backpack import backpack
+    from backpack.extensions import BatchGrad
+
+    def get_grads(logits, y):
+        reference.optimizer.zero_grad()
+        loss = reference.bce_extended(logits, y).sum()
+        with backpack(BatchGrad()):
+            loss.backward(retain_graph=True, create_graph=True)
+        return OrderedDict((name, w.grad_batch.clone().view(w.grad_batch.size(0), -1))
+                           for name, w in reference.classifier.named_parameters())
+
+    reference._get_grads = get_grads
+
+
+PATCHES = {"Fishr": backpack_without_inputs}
+
+
 def max_difference(a: list[nn.Module], b: list[nn.Module]) -> float:
     return max((pa - pb).abs().max().item() for ma, mb in zip(a, b, strict=True)
                for pa, pb in zip(ma.parameters(), mb.parameters(), strict=True))
@@ -107,6 +147,7 @@ def run(name: str, algorithms, hparams_registry, batches, task, optimizer_name: 
                     "batch_size": len(batches[0][0][1]), **theirs})
     reference = algorithms.get_algorithm_class(name)(task.input_shape, task.num_classes,
                                                       task.num_domains, hparams)
+    PATCHES.get(name, lambda reference: None)(reference)
     compared = COMPARED.get(name, lambda algo: algo)(mine)
     # kinds only DomainBed builds are unused there (DANN's class embeddings)
     kinds = tuple(k for k in KINDS if layers(compared, (k,)))

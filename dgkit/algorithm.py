@@ -160,12 +160,17 @@ class Optimization:
     def zero_grad(self, optimizer: Optimizer | None = None) -> None:
         (optimizer or self.optimizer).zero_grad(set_to_none=True)
 
-    def reset_state(self, optimizer: Optimizer | None = None) -> None:
+    def reset_state(self, optimizer: Optimizer | None = None, lr: float | None = None) -> None:
         """Forget the optimizer's state (Adam's moments and step count), as a new optimizer
         with the same settings would start (DomainBed's IRM and V-REx do it where their
-        penalty weight jumps). The state is part of the checkpoint, so resuming keeps it."""
+        penalty weight jumps), with learning rate ``lr`` if given (EQRM's after burn-in).
+        The state and the rate are part of the checkpoint, so resuming keeps them."""
         opt = optimizer or self.optimizer
-        getattr(opt, "optimizer", opt).state.clear()  # Lightning's wrapper, or the optimizer
+        opt = getattr(opt, "optimizer", opt)  # Lightning's wrapper, or the optimizer
+        opt.state.clear()
+        if lr is not None:
+            for group in opt.param_groups:
+                group["lr"] = lr
 
     @contextlib.contextmanager
     def no_sync(self) -> Iterator[None]:

@@ -21,10 +21,21 @@ from test_domainbed_algorithms import _fit
 from dgkit import Backbone, Batch
 from dgkit.plugins import registry
 from dgkit_algorithms.adversarial import CDANN, DANN
+from dgkit_algorithms.alignment import CausIRL_CORAL, CausIRL_MMD, coral_distance, mmd_distance
 from dgkit_algorithms.context import ARM, MTL
-from dgkit_algorithms.gradient_matching import IGA, ANDMask, Fish, SANDMask
+from dgkit_algorithms.contrastive import CAD, CondCAD, SelfReg
+from dgkit_algorithms.gradient_matching import (
+    IGA,
+    ANDMask,
+    Fish,
+    Fishr,
+    SANDMask,
+    per_sample_classifier_gradients,
+)
+from dgkit_algorithms.invariance import IB_ERM, IB_IRM
 from dgkit_algorithms.meta_learning import MLDG, split_meta_train_test
 from dgkit_algorithms.regularization import RSC, SD
+from dgkit_algorithms.robust import EQRM, kde_quantile
 from dgkit_algorithms.style import SagNet, randomize
 
 TASK = make_task(domains=("a", "b", "c"))
@@ -241,11 +252,122 @@ def test_iga_penalizes_the_spread_of_the_domains_gradients_around_their_mean():
     assert out["loss"].requires_grad and algo.differentiates_twice
 
 
+@pytest.mark.parametrize("cls", [IB_ERM, IB_IRM])
+def test_information_bottleneck_switches_on_at_its_annealing_step_and_restarts_the_optimizer(cls):
+    torch.manual_seed(0)
+    extra = {"irm_anneal_steps": 1, "irm_lambda": 5.0} if cls is IB_IRM else {}
+    algo = cls(TASK, Backbone("mlp"), ib_lambda=10.0, ib_anneal_steps=2, **extra)
+    optimizer = torch.optim.Adam(algo.parameters(), lr=1e-3)
+    counts, weights = [], []
+    for step in range(4):
+        algo.progress.step, batch = step, _batch(seed=step)
+        features = algo.featurizer(batch.x).detach()
+        expected = sum(features[batch.domain == d].var(dim=0).mean() for d in range(3)) / 3
+        out = algo.training_update(batch, plain_optimization(optimizer))
+        torch.testing.assert_close(out["ib_penalty"], expected)
+        irm = out.get("irm_penalty", 0.0) * (5.0 if step >= 1 else 1.0)
+        weights.append(float((out["loss"] - out["nll"] - irm) / out["ib_penalty"]))
+        counts.append(int(optimizer.state[next(algo.parameters())]["step"]))
+    assert weights == pytest.approx([0, 0, 10, 10], abs=1e-2)
+    assert counts == ([1, 1, 1, 2] if cls is IB_IRM else [1, 2, 1, 2])  # a restart at every switch
+
+
+@pytest.mark.parametrize("cls", [CausIRL_CORAL, CausIRL_MMD])
+def test_causirl_aligns_the_two_sides_of_a_random_cut_in_every_domain(cls):
+    torch.manual_seed(0)
+    algo, batch = cls(TASK, Backbone("mlp"), gamma=2.0), _batch()
+    np.random.seed(5)
+    out = algo.training_loss(batch)
+    np.random.seed(5)
+    features = [algo.featurizer(x) for x, _ in batch.per_domain()]
+    cuts = [np.random.randint(0, 8) for _ in features]
+    first = torch.cat([f[:c] for f, c in zip(features, cuts, strict=True)])
+    second = torch.cat([f[c:] for f, c in zip(features, cuts, strict=True)])
+    distance = coral_distance if cls is CausIRL_CORAL else mmd_distance
+    torch.testing.assert_close(out["penalty"], distance(first, second).detach())
+    torch.testing.assert_close(out["loss"], out["nll"] + 2.0 * distance(first, second))
+
+
+def test_eqrm_minimizes_a_quantile_of_the_risks_kernel_density_after_burn_in():
+    risks = torch.tensor([0.2, 0.5, 0.9, 1.4, 2.0], dtype=torch.float64, requires_grad=True)
+    bandwidth = 1.06 * risks.detach().std() * 5 ** -0.2
+    for q in (0.25, 0.5, 0.9):
+        k = kde_quantile(risks, torch.tensor(q, dtype=torch.float64))
+        cdf = torch.distributions.Normal(risks.detach(), bandwidth).cdf(k.detach()).mean()
+        assert float(cdf) == pytest.approx(q, abs=1e-6)  # the KDE's CDF at it is q
+    high = kde_quantile(risks, torch.tensor(0.99, dtype=torch.float64))
+    assert high > risks.max() and kde_quantile(risks, torch.tensor(0.5, dtype=torch.float64)) < risks.mean()
+    high.backward()
+    assert risks.grad[-1] == risks.grad.max() > 0  # high quantiles lean on the worst domain
+    torch.manual_seed(0)
+    algo = EQRM(TASK, Backbone("mlp"), quantile=0.9, burnin_steps=1, lr_after_burnin=1e-5)
+    optimizer = torch.optim.Adam(algo.parameters(), lr=1e-3)
+    losses = []
+    for step in range(2):
+        algo.progress.step, batch = step, _batch(seed=step)
+        with torch.no_grad():
+            risks = torch.stack([F.cross_entropy(algo(x), y) for x, y in batch.per_domain()])
+        losses.append((float(algo.training_update(batch, plain_optimization(optimizer))), risks))
+    assert losses[0][0] == pytest.approx(float(losses[0][1].mean()), rel=1e-5)  # burn-in: ERM
+    assert losses[1][0] > float(losses[1][1].max())  # then the 0.9-quantile
+    assert optimizer.param_groups[0]["lr"] == 1e-5 and optimizer.state[next(algo.parameters())]["step"] == 1
+
+
+def test_fishr_per_sample_gradients_equal_autograd_and_the_penalty_matches_variances():
+    torch.manual_seed(0)
+    z, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+    linear = torch.nn.Linear(4, 3)
+    closed = per_sample_classifier_gradients(z, linear(z), y)
+    for i in range(6):  # each sample's own gradient, by autograd
+        own = F.cross_entropy(linear(z[i:i + 1]), y[i:i + 1])
+        w, b = torch.autograd.grad(own, [linear.weight, linear.bias])
+        torch.testing.assert_close(closed["weight"][i], w.flatten())
+        torch.testing.assert_close(closed["bias"][i], b)
+    algo, batch = Fishr(TASK, Backbone("mlp"), ema=0.0), _batch()
+    features = algo.featurizer(batch.x)
+    logits = algo.classifier(features)
+    grads = per_sample_classifier_gradients(features, logits, batch.y)
+    variances = [torch.cat([grads[k][batch.domain == d].var(0, unbiased=False) for k in ("bias", "weight")])
+                 for d in range(3)]
+    mean = torch.stack(variances).mean(0)
+    expected = sum((v - mean).pow(2).mean() for v in variances) / 3
+    torch.testing.assert_close(algo.penalty(features, logits, batch), expected)
+    same = Batch(batch.x[:8].repeat(3, 1, 1, 1), batch.y[:8].repeat(3), batch.domain)
+    f = algo.featurizer(same.x)
+    assert algo.penalty(f, algo.classifier(f), same).item() < 1e-12  # identical domains: no penalty
+
+
+def test_selfreg_pairs_only_samples_of_the_same_class():
+    """With one sample per class the only partner is the sample itself: the logit terms
+    vanish and the feature terms compare each feature with its own projection."""
+    torch.manual_seed(0)
+    algo = SelfReg(TASK, Backbone("mlp"))
+    x = torch.rand(10, *TASK.input_shape)
+    single = Batch(x, torch.arange(10), torch.zeros(10, dtype=torch.long))
+    np.random.seed(0)
+    loss = algo.training_loss(single)
+    feat = algo.featurizer(x)
+    ce = F.cross_entropy(algo.classifier(feat), torch.arange(10))
+    torch.testing.assert_close(loss, ce + min(ce.item(), 1.0) * 0.3 * F.mse_loss(feat, algo.cdpl(feat)))
+
+
+@pytest.mark.parametrize("cls", [CAD, CondCAD])
+def test_contrastive_bottleneck_is_higher_when_the_features_reveal_the_domain(cls):
+    algo = cls(TASK, Backbone("mlp"), temperature=0.5)
+    y = torch.tensor([0, 1, 0, 1, 0, 1, 0, 1])
+    domain = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+    by_domain = torch.cat([torch.ones(8, 1) * (2 * domain.view(-1, 1) - 1), torch.zeros(8, 1)], 1)
+    by_class = torch.cat([torch.zeros(8, 1), torch.ones(8, 1) * (2 * y.view(-1, 1) - 1)], 1)
+    assert algo.bottleneck_loss(by_domain, y, domain) > algo.bottleneck_loss(by_class, y, domain)
+
+
 # Every DomainBed algorithm in dgkit, with what it needs to act within a few steps.
 ZOO = {"irm": {"anneal_steps": 2}, "vrex": {"anneal_steps": 2}, "groupdro": {}, "mixup": {}, "coral": {},
        "mmd": {}, "mldg": {}, "fish": {}, "dann": {}, "cdann": {"grad_penalty": 0.1}, "mtl": {},
        "sagnet": {}, "arm": {}, "rsc": {}, "sd": {}, "andmask": {"tau": 0.6}, "sandmask": {"tau": 0.5},
-       "iga": {}}
+       "iga": {}, "ib_erm": {"ib_anneal_steps": 2}, "ib_irm": {"irm_anneal_steps": 1, "ib_anneal_steps": 2},
+       "causirl_coral": {}, "causirl_mmd": {}, "eqrm": {"burnin_steps": 2}, "fishr": {"anneal_steps": 2},
+       "selfreg": {}, "cad": {}, "condcad": {}}
 SCRIPT = Path(__file__).parent / "scripts" / "ddp_algorithms.py"
 
 

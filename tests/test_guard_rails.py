@@ -107,7 +107,10 @@ NORMAL = {"erm": {}, "sam": {}, "asam": {}, "udim": {"warmup_steps": 10}, "itta"
           "adanpc": {}, "drm": {}, "divdis": {}, "dbat": {}, "bonsai": {"stage_steps": [14, 13, 13]},
           "irm": {"anneal_steps": 20}, "vrex": {"anneal_steps": 20}, "groupdro": {}, "mixup": {},
           "coral": {}, "mmd": {}, "mldg": {}, "fish": {}, "dann": {}, "cdann": {}, "mtl": {}, "sagnet": {},
-          "arm": {}, "rsc": {}, "sd": {}, "andmask": {}, "sandmask": {}, "iga": {}}
+          "arm": {}, "rsc": {}, "sd": {}, "andmask": {}, "sandmask": {}, "iga": {},
+          "ib_erm": {"ib_anneal_steps": 20}, "ib_irm": {"irm_anneal_steps": 20, "ib_anneal_steps": 20},
+          "causirl_coral": {}, "causirl_mmd": {}, "eqrm": {"burnin_steps": 20}, "fishr": {"anneal_steps": 20},
+          "selfreg": {}, "cad": {}, "condcad": {}}
 
 
 @pytest.mark.parametrize("alias", NORMAL)

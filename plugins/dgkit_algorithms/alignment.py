@@ -1,11 +1,13 @@
-"""Aligning the source domains' feature distributions: CORAL (Sun and Saenko, 2016; Deep
-CORAL) and MMD (Li et al., CVPR 2018), as DomainBed implements them: the penalty is the
-mean over pairs of source domains, added to the mean per-domain risk."""
+"""Aligning feature distributions, as DomainBed implements them: CORAL (Sun and Saenko, 2016;
+Deep CORAL) and MMD (Li et al., CVPR 2018) align every pair of source domains (the penalty is
+the mean over pairs, added to the mean per-domain risk); CausIRL (Chevalley et al., 2022)
+aligns two random halves of the pooled batch, cut at a random point in every domain."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -80,5 +82,47 @@ class CORAL(FeatureAlignment):
 class MMD(FeatureAlignment):
     """MMD-AAE's alignment term, as DomainBed's MMD: match the domains' feature
     distributions under a sum of Gaussian kernels."""
+
+    distance = staticmethod(mmd_distance)
+
+
+class CausalInvariance(ERM):
+    """Per-domain risk plus ``gamma`` times the distance between the features before and
+    after a random cut point in each domain's minibatch, pooled over domains: invariance to
+    the style that varies within a domain (the paper's causal mechanism)."""
+
+    distance: Callable[[Tensor, Tensor], Tensor]
+
+    def __init__(self, task: Task, backbone: Backbone, gamma: float = 1.0):
+        """
+        Args:
+            gamma: weight of the distance between the two halves (DomainBed's ``mmd_gamma``).
+        """
+        super().__init__(task, backbone)
+        self.gamma = gamma
+
+    def training_loss(self, batch: Batch) -> dict[str, Tensor]:
+        domains = batch.per_domain()
+        features = [self.featurizer(x) for x, _ in domains]
+        risk = sum(F.cross_entropy(self.classifier(f) + 1e-16, y)
+                   for f, (_, y) in zip(features, domains, strict=True)) / len(domains)
+        cuts = [int(np.random.randint(0, len(f))) for f in features]  # numpy's, as DomainBed
+        first = torch.cat([f[:c] for f, c in zip(features, cuts, strict=True)])
+        second = torch.cat([f[c:] for f, c in zip(features, cuts, strict=True)])
+        penalty = (torch.nan_to_num(self.distance(first, second)) if len(first) > 1 and len(second) > 1
+                   else risk.new_zeros(()))
+        return {"loss": risk + self.gamma * penalty, "nll": risk.detach(), "penalty": penalty.detach()}
+
+
+@register("causirl_coral")
+class CausIRL_CORAL(CausalInvariance):
+    """CausIRL with CORAL's distance (means and covariances)."""
+
+    distance = staticmethod(coral_distance)
+
+
+@register("causirl_mmd")
+class CausIRL_MMD(CausalInvariance):
+    """CausIRL with MMD's multi-bandwidth Gaussian-kernel distance."""
 
     distance = staticmethod(mmd_distance)

@@ -1,8 +1,9 @@
 """Agreement between the source domains' gradients, as DomainBed implements each: Fish
 (Shi et al., ICLR 2022) follows the direction the domains agree on through an inner loop,
 AND-mask (Parascandolo et al., ICLR 2021) and SAND-mask (Shahtalebi et al., 2021) keep only
-the gradient components whose signs agree, and IGA (Koyama and Yamaguchi, 2020) penalizes
-each domain's gradient's distance from the mean gradient."""
+the gradient components whose signs agree, IGA (Koyama and Yamaguchi, 2020) penalizes
+each domain's gradient's distance from the mean gradient, and Fishr (Rame et al., ICML 2022)
+matches the domains' gradient variances."""
 
 from __future__ import annotations
 
@@ -158,3 +159,71 @@ class IGA(ERM):
         spread = sum((g - m).pow(2).sum() for grad in grads for g, m in zip(grad, mean_grad, strict=True))
         return {"loss": mean_loss + self.penalty * spread, "nll": mean_loss.detach(),
                 "penalty": spread.detach()}
+
+
+def per_sample_classifier_gradients(features: Tensor, logits: Tensor, y: Tensor) -> dict[str, Tensor]:
+    """Each sample's gradient of its cross-entropy w.r.t. a linear classifier's weight and
+    bias, ``[n, C * D]`` and ``[n, C]``, in closed form (``softmax - onehot``, times the
+    features for the weight): what BackPACK's ``BatchGrad`` gives DomainBed's Fishr, and
+    differentiable in the same way."""
+    g = F.softmax(logits, dim=1) - F.one_hot(y, logits.shape[1]).to(logits.dtype)
+    return {"bias": g, "weight": (g.unsqueeze(2) * features.unsqueeze(1)).flatten(1)}
+
+
+@register("fishr")
+class Fishr(ERM):
+    """Fishr: ERM plus the distance between each domain's variance of the per-sample
+    classifier gradients and their mean over domains. The variances are moving averages
+    (``ema``, corrected by ``1 / (1 - ema)``); the penalty weight switches from 0 to ``lam``
+    at ``anneal_steps``, and the optimizer restarts there."""
+
+    manual_optimization = True
+
+    def __init__(self, task: Task, backbone: Backbone, lam: float = 1000.0, anneal_steps: int = 1500,
+                 ema: float = 0.95):
+        """
+        Args:
+            lam: penalty weight after annealing (``lambda``).
+            anneal_steps: steps without the penalty first (``penalty_anneal_iters``).
+            ema: weight of the past in the variances' moving averages (``ema``).
+        """
+        super().__init__(task, backbone)
+        check(isinstance(self.classifier, nn.Linear), "model.algorithm", "Fishr needs a linear classifier",
+              "the default classifier")
+        check(0 <= ema < 1, "model.algorithm.ema", f"{ema}", "in [0, 1)")
+        self.lam, self.anneal_steps, self.ema = lam, anneal_steps, ema
+        n = self.featurizer.n_outputs * task.num_classes
+        self.register_buffer("weight_variance", torch.zeros(task.num_domains, n))
+        self.register_buffer("bias_variance", torch.zeros(task.num_domains, task.num_classes))
+
+    def penalty(self, features: Tensor, logits: Tensor, batch: Batch) -> Tensor:
+        grads = per_sample_classifier_gradients(features, logits, batch.y)
+        domains = torch.unique(batch.domain, sorted=True).tolist()
+        variances = {name: [] for name in grads}
+        for name, g in grads.items():
+            past = getattr(self, f"{name}_variance")
+            for d in domains:
+                env = g[batch.domain == d]
+                variance = (env - env.mean(dim=0, keepdim=True)).pow(2).mean(dim=0)
+                averaged = self.ema * past[d] + (1 - self.ema) * variance
+                past[d] = averaged.detach()
+                variances[name].append(averaged / (1 - self.ema))
+        mean = {name: torch.stack(v).mean(dim=0) for name, v in variances.items()}
+        flat = [torch.cat([variances[name][i] for name in sorted(grads)]) for i in range(len(domains))]
+        mean_flat = torch.cat([mean[name] for name in sorted(grads)])
+        return sum((f - mean_flat).pow(2).mean() for f in flat) / len(domains)
+
+    def training_update(self, batch: Batch, opt: Optimization) -> dict[str, Tensor]:
+        features = self.featurizer(batch.x)
+        logits = self.classifier(features)
+        penalty = self.penalty(features, logits, batch)
+        nll = F.cross_entropy(logits, batch.y)
+        step = self.progress.step
+        weight = self.lam if step >= self.anneal_steps else 0.0
+        if step == self.anneal_steps != 0:
+            opt.reset_state()
+        loss = nll + weight * penalty
+        opt.zero_grad()
+        opt.backward(loss)
+        opt.step()
+        return {"loss": loss.detach(), "nll": nll.detach(), "penalty": penalty.detach()}

@@ -92,3 +92,79 @@ class VREx(AnnealedPenalty):
         risks = torch.stack(risks)
         mean = risks.mean()  # one node for both terms, as DomainBed: the same rounding
         return mean, (risks - mean).pow(2).mean()
+
+
+class InformationBottleneck(ERM):
+    """Per-domain risk plus penalties whose weights switch at their own annealing steps; the
+    optimizer restarts at each switch. Its penalty: the features' variance in each domain,
+    averaged (the information bottleneck of Ahuja et al., NeurIPS 2021)."""
+
+    manual_optimization = True
+
+    def __init__(self, task: Task, backbone: Backbone, ib_lambda: float, ib_anneal_steps: int):
+        super().__init__(task, backbone)
+        check(ib_lambda >= 0, "model.algorithm.ib_lambda", f"{ib_lambda} is negative", ">= 0")
+        self.ib_lambda, self.ib_anneal_steps = ib_lambda, ib_anneal_steps
+
+    def penalties(self, features: Tensor, logits: Tensor, batch: Batch
+                  ) -> dict[str, tuple[Tensor, float, float, int]]:
+        """``name -> (penalty, weight before, weight after, annealing step)``, in the loss's order."""
+        masks = [batch.domain == d for d in torch.unique(batch.domain, sorted=True).tolist()]
+        ib = sum(features[m].var(dim=0).mean() for m in masks) / len(masks)
+        return {"ib_penalty": (ib, 0.0, self.ib_lambda, self.ib_anneal_steps)}
+
+    def training_update(self, batch: Batch, opt: Optimization) -> dict[str, Tensor]:
+        step = self.progress.step
+        features = self.featurizer(batch.x)
+        logits = self.classifier(features)
+        masks = [batch.domain == d for d in torch.unique(batch.domain, sorted=True).tolist()]
+        nll = sum(F.cross_entropy(logits[m], batch.y[m]) for m in masks) / len(masks)
+        terms = self.penalties(features, logits, batch)
+        loss = nll
+        for penalty, before, after, anneal in terms.values():
+            loss = loss + (after if step >= anneal else before) * penalty
+        if any(step == anneal for *_, anneal in terms.values()):
+            opt.reset_state()
+        opt.zero_grad()
+        opt.backward(loss)
+        opt.step()
+        return {"loss": loss.detach(), "nll": nll.detach(), **{k: v[0].detach() for k, v in terms.items()}}
+
+
+@register("ib_erm")
+class IB_ERM(InformationBottleneck):
+    """IB-ERM: ERM plus the information bottleneck on the features."""
+
+    def __init__(self, task: Task, backbone: Backbone, ib_lambda: float = 100.0, ib_anneal_steps: int = 500):
+        """
+        Args:
+            ib_lambda: weight of the features' variance after annealing (``ib_lambda``).
+            ib_anneal_steps: steps without it first (``ib_penalty_anneal_iters``).
+        """
+        super().__init__(task, backbone, ib_lambda, ib_anneal_steps)
+
+
+@register("ib_irm")
+class IB_IRM(InformationBottleneck):
+    """IB-IRM: IRMv1 plus the information bottleneck, each with its own annealing."""
+
+    differentiates_twice = True
+
+    def __init__(self, task: Task, backbone: Backbone, irm_lambda: float = 100.0, irm_anneal_steps: int = 500,
+                 ib_lambda: float = 100.0, ib_anneal_steps: int = 500):
+        """
+        Args:
+            irm_lambda: IRM penalty weight after its annealing (1 before; ``irm_lambda``).
+            irm_anneal_steps: steps with IRM weight 1 (``irm_penalty_anneal_iters``).
+            ib_lambda: weight of the features' variance after annealing (``ib_lambda``).
+            ib_anneal_steps: steps without it first (``ib_penalty_anneal_iters``).
+        """
+        super().__init__(task, backbone, ib_lambda, ib_anneal_steps)
+        self.irm_lambda, self.irm_anneal_steps = irm_lambda, irm_anneal_steps
+
+    def penalties(self, features: Tensor, logits: Tensor, batch: Batch
+                  ) -> dict[str, tuple[Tensor, float, float, int]]:
+        masks = [batch.domain == d for d in torch.unique(batch.domain, sorted=True).tolist()]
+        irm = sum(irm_penalty(logits[m], batch.y[m]) for m in masks) / len(masks)
+        return {"irm_penalty": (irm, 1.0, self.irm_lambda, self.irm_anneal_steps),
+                **super().penalties(features, logits, batch)}
