@@ -20,7 +20,7 @@ from test_domainbed_algorithms import _fit
 
 from dgkit import Backbone, Batch
 from dgkit.plugins import registry
-from dgkit_algorithms.adversarial import CDANN, DANN
+from dgkit_algorithms.adversarial import CDANN, DANN, URM, Transfer
 from dgkit_algorithms.alignment import CausIRL_CORAL, CausIRL_MMD, coral_distance, mmd_distance
 from dgkit_algorithms.context import ARM, MTL
 from dgkit_algorithms.contrastive import CAD, CondCAD, SelfReg
@@ -361,13 +361,47 @@ def test_contrastive_bottleneck_is_higher_when_the_features_reveal_the_domain(cl
     assert algo.bottleneck_loss(by_domain, y, domain) > algo.bottleneck_loss(by_class, y, domain)
 
 
+def test_urm_trains_features_towards_uniform_noise_and_the_discriminator_against_them():
+    torch.manual_seed(0)
+    algo, batch = URM(TASK, Backbone("mlp"), adv_lambda=0.5), _batch()
+    main = torch.optim.SGD(algo.parameter_groups(), lr=0.1)
+    disc = torch.optim.SGD(algo.discriminator.parameters(), lr=0.1)
+    from dgkit.algorithm import Optimization
+    feats = algo.features(batch.x)
+    assert feats.abs().max() <= 1  # tanh: the noise's range [-1, 1)
+    expected = F.cross_entropy(algo.classifier(feats), batch.y) + 0.5 * F.binary_cross_entropy_with_logits(
+        algo.discriminator(feats).squeeze(1), torch.ones(24))
+    d_before = _params(algo.discriminator)
+    out = algo.training_update(batch, Optimization.standalone([main, disc]))
+    torch.testing.assert_close(out["loss"], expected.detach())
+    assert all(not torch.equal(a, b) for a, b in zip(d_before, algo.discriminator.parameters(), strict=True))
+    assert algo.representation()[1] is None
+
+
+def test_transfer_adversary_ascends_the_domain_gap_inside_its_ball():
+    torch.manual_seed(0)
+    algo, batch = Transfer(TASK, Backbone("mlp"), delta=0.05, d_steps_per_g=3, lr_d=1.0), _batch()
+    risks = [F.cross_entropy(algo.adv_classifier(algo.featurizer(x)), y) for x, y in batch.per_domain()]
+    torch.testing.assert_close(algo.loss_gap(batch), max(risks) - min(risks))
+    from dgkit.algorithm import Optimization
+    optimizers = [torch.optim.SGD(algo.parameter_groups(), lr=0.01), *algo.extra_optimizers(None)]
+    algo.training_update(batch, Optimization.standalone(optimizers))
+    pairs = zip(algo.adv_classifier.parameters(), algo.classifier.parameters(), strict=True)
+    distance = torch.sqrt(sum(torch.norm(a - h) ** 2 for a, h in pairs))
+    assert float(distance) == pytest.approx(0.05, rel=1e-4)  # pushed out, projected back onto the ball
+    with torch.no_grad():
+        gap_adversary = algo.loss_gap(batch)
+        algo.adv_classifier.load_state_dict(algo.classifier.state_dict())
+        assert gap_adversary > algo.loss_gap(batch)  # the adversary widened the gap
+
+
 # Every DomainBed algorithm in dgkit, with what it needs to act within a few steps.
 ZOO = {"irm": {"anneal_steps": 2}, "vrex": {"anneal_steps": 2}, "groupdro": {}, "mixup": {}, "coral": {},
        "mmd": {}, "mldg": {}, "fish": {}, "dann": {}, "cdann": {"grad_penalty": 0.1}, "mtl": {},
        "sagnet": {}, "arm": {}, "rsc": {}, "sd": {}, "andmask": {"tau": 0.6}, "sandmask": {"tau": 0.5},
        "iga": {}, "ib_erm": {"ib_anneal_steps": 2}, "ib_irm": {"irm_anneal_steps": 1, "ib_anneal_steps": 2},
        "causirl_coral": {}, "causirl_mmd": {}, "eqrm": {"burnin_steps": 2}, "fishr": {"anneal_steps": 2},
-       "selfreg": {}, "cad": {}, "condcad": {}}
+       "selfreg": {}, "cad": {}, "condcad": {}, "urm": {}, "transfer": {"d_steps_per_g": 2}}
 SCRIPT = Path(__file__).parent / "scripts" / "ddp_algorithms.py"
 
 

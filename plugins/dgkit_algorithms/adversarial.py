@@ -1,15 +1,21 @@
-"""Domain-adversarial training: DANN (Ganin et al., JMLR 2016) and its class-conditional
-variant CDANN (Li et al., ECCV 2018), as DomainBed runs them: a discriminator learns to tell
-the source domains apart from the features, and the featurizer learns to fool it, in
-alternating turns (``d_steps_per_g`` discriminator steps, then one generator step)."""
+"""Adversarial training, as DomainBed runs it: DANN (Ganin et al., JMLR 2016) and its
+class-conditional variant CDANN (Li et al., ECCV 2018), where a discriminator learns to tell
+the source domains apart from the features and the featurizer learns to fool it, in
+alternating turns; URM (Krishnamachari et al., TMLR 2024), whose discriminator tells features
+from uniform noise; and Transfer (Zhang et al., NeurIPS 2021), whose adversary is a
+classifier near the model's that maximizes the gap between the domains' risks."""
 
 from __future__ import annotations
+
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dgkit import Algorithm, Backbone, Batch, Optimization, Task, check, register
+from dgkit.errors import check_choice
+from dgkit_algorithms.erm import ERM
 
 
 def discriminator(n_inputs: int, n_outputs: int, width: int, depth: int, dropout: float) -> nn.Sequential:
@@ -125,3 +131,154 @@ class CDANN(DomainAdversarial):
     distributions are aligned across domains."""
 
     conditional = True
+
+
+OUTPUT_RANGES = {"tanh": (nn.Tanh, -1.0, 1.0), "relu": (nn.ReLU, 0.0, 1.0), "sigmoid": (nn.Sigmoid, 0.0, 1.0)}
+
+
+@register("urm")
+class URM(ERM):
+    """Uniform Risk Minimization: the features (squashed by ``generator_output``) are
+    trained to look uniformly distributed on its range to a discriminator that learns,
+    after every step, to tell them from uniform noise."""
+
+    manual_optimization = True
+
+    def __init__(self, task: Task, backbone: Backbone, adv_lambda: float = 0.1,
+                 discriminator_lr: float | None = None, label_smoothing: float = 0.0, hidden_layers: int = 1,
+                 generator_output: Literal["tanh", "relu", "sigmoid"] = "tanh"):
+        """
+        Args:
+            adv_lambda: weight of the adversarial terms (``urm_adv_lambda``).
+            discriminator_lr: the discriminator's learning rate (``urm_discriminator_lr``;
+                None: the configured lr).
+            label_smoothing: width of the random soft labels of the discriminator
+                (``urm_discriminator_label_smoothing``; 0: hard labels).
+            hidden_layers: the discriminator's hidden layers of 100 units
+                (``urm_discriminator_hidden_layers``).
+            generator_output: the activation on the features, whose range the noise fills
+                (``urm_generator_output``).
+        """
+        super().__init__(task, backbone)
+        check_choice(generator_output, Literal["tanh", "relu", "sigmoid"], "model.algorithm.generator_output")
+        check(0 <= label_smoothing < 1, "model.algorithm.label_smoothing", f"{label_smoothing}", "in [0, 1)")
+        self.adv_lambda, self.discriminator_lr = adv_lambda, discriminator_lr
+        self.label_smoothing = label_smoothing
+        activation, self.low, self.high = OUTPUT_RANGES[generator_output]
+        self.activation = activation()
+        layers: list[nn.Module] = [nn.Linear(self.featurizer.n_outputs, 100), nn.LeakyReLU()]
+        for _ in range(hidden_layers):
+            layers += [nn.Linear(100, 100), nn.LeakyReLU()]
+        self.discriminator = nn.Sequential(*layers, nn.Linear(100, 1))
+
+    def features(self, x: Tensor) -> Tensor:
+        return self.activation(self.featurizer(x))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier(self.features(x))
+
+    def parameter_groups(self) -> list[nn.Parameter]:
+        return [*self.featurizer.parameters(), *self.classifier.parameters()]
+
+    def extra_optimizers(self, make) -> list[torch.optim.Optimizer]:
+        overrides = {} if self.discriminator_lr is None else {"lr": self.discriminator_lr}
+        return [make(self.discriminator.parameters(), **overrides)]
+
+    def training_update(self, batch: Batch, opt: Optimization) -> dict[str, Tensor]:
+        feats = self.features(batch.x)
+        ce = F.cross_entropy(self.classifier(feats), batch.y, reduction="none").mean()
+        ones = torch.ones(len(feats), dtype=feats.dtype, device=feats.device)
+        g_loss = F.binary_cross_entropy_with_logits(self.discriminator(feats).squeeze(1), ones)
+        loss = ce + self.adv_lambda * g_loss
+        opt.zero_grad()
+        opt.backward(loss, inputs=self.parameter_groups())
+        opt.step()
+        disc_opt, feats = opt.optimizers[1], feats.detach()  # the encoder sits out this step
+        uniform = torch.rand(feats.size(), dtype=feats.dtype, device=feats.device)
+        noise = (self.high - self.low) * uniform + self.low
+        noise_logits, feats_logits = self.discriminator(noise), self.discriminator(feats)
+        true_y, fake_y = ones, torch.zeros_like(ones)  # noise is "true", features "fake"
+        if self.label_smoothing:  # random soft labels within the smoothing width
+            s = self.label_smoothing
+            true_y = (1.0 - (1 - s)) * torch.rand(len(noise), device=noise.device) + (1 - s)
+            fake_y = (s - 0) * torch.rand(len(feats), device=feats.device) + 0
+        d_loss = (1 * F.binary_cross_entropy_with_logits(noise_logits.squeeze(1), true_y)
+                  + self.adv_lambda * F.binary_cross_entropy_with_logits(feats_logits.squeeze(1), fake_y))
+        opt.zero_grad(disc_opt)
+        opt.backward(d_loss, inputs=list(self.discriminator.parameters()))
+        opt.step(disc_opt)
+        return {"loss": loss.detach(), "nll": ce.detach(), "disc_loss": d_loss.detach()}
+
+    def representation(self):
+        return self.featurizer, None  # the classifier reads the squashed features
+
+
+@register("transfer")
+class Transfer(ERM):
+    """Transfer (Algorithm 1 of "Quantifying and improving transferability in domain
+    generalization"): after each ERM step, the featurizer also minimizes the gap between the
+    worst and best domain's risk under an adversarial classifier, which starts from the
+    model's classifier and ascends that gap for ``d_steps_per_g`` SGD steps inside a ball of
+    radius ``delta`` around it."""
+
+    manual_optimization = True
+
+    def __init__(self, task: Task, backbone: Backbone, t_lambda: float = 1.0, delta: float = 2.0,
+                 d_steps_per_g: int = 10, lr_d: float = 1e-3):
+        """
+        Args:
+            t_lambda: weight of the risk gap (``t_lambda``).
+            delta: radius of the adversarial classifier's ball, in parameter norm (``delta``).
+            d_steps_per_g: the adversary's SGD steps per step (``d_steps_per_g``).
+            lr_d: the adversary's SGD learning rate (``lr_d``).
+        """
+        super().__init__(task, backbone)
+        check(delta >= 0, "model.algorithm.delta", f"{delta} is negative", ">= 0")
+        self.t_lambda, self.delta, self.d_steps_per_g, self.lr_d = t_lambda, delta, d_steps_per_g, lr_d
+        self.adv_classifier = self.build_classifier(self.featurizer.n_outputs)
+        self.adv_classifier.load_state_dict(self.classifier.state_dict())
+
+    def parameter_groups(self) -> list[nn.Parameter]:
+        return [*self.featurizer.parameters(), *self.classifier.parameters()]
+
+    def extra_optimizers(self, make) -> list[torch.optim.Optimizer]:
+        return [torch.optim.SGD(self.adv_classifier.parameters(), lr=self.lr_d)]  # plain SGD, as the paper
+
+    def loss_gap(self, batch: Batch) -> Tensor:
+        """The largest minus the smallest domain risk under the adversarial classifier."""
+        worst = torch.tensor([-float("inf")], device=batch.x.device)
+        best = torch.tensor([float("inf")], device=batch.x.device)
+        for x, y in batch.per_domain():
+            loss = F.cross_entropy(self.adv_classifier(self.featurizer(x)), y)
+            worst, best = (loss if loss > worst else worst), (loss if loss < best else best)
+        return worst - best
+
+    def project(self) -> None:
+        """Pull the adversarial classifier back onto the ball around the classifier."""
+        with torch.no_grad():
+            pairs = list(zip(self.classifier.state_dict().values(),
+                             self.adv_classifier.state_dict().values(), strict=True))
+            distance = torch.sqrt(sum(torch.norm(adv - h) ** 2 for h, adv in pairs))
+            if distance > self.delta:
+                for h, adv in zip(self.classifier.parameters(), self.adv_classifier.parameters(),
+                                  strict=True):
+                    adv.copy_(h + self.delta / distance * (adv - h))
+
+    def training_update(self, batch: Batch, opt: Optimization) -> dict[str, Tensor]:
+        adv_opt, featurizer = opt.optimizers[1], list(self.featurizer.parameters())
+        loss = F.cross_entropy(self(batch.x), batch.y)
+        opt.zero_grad()
+        opt.backward(loss, inputs=self.parameter_groups())
+        opt.step()
+        gap = self.t_lambda * self.loss_gap(batch)
+        opt.zero_grad()
+        opt.backward(gap, inputs=featurizer)
+        opt.step()
+        self.adv_classifier.load_state_dict(self.classifier.state_dict())
+        for _ in range(self.d_steps_per_g):
+            opt.zero_grad(adv_opt)
+            gap = -self.t_lambda * self.loss_gap(batch)
+            opt.backward(gap, inputs=list(self.adv_classifier.parameters()))
+            opt.step(adv_opt)
+            self.project()
+        return {"loss": loss.detach(), "gap": -gap.detach()}
