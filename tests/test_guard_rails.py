@@ -110,7 +110,7 @@ NORMAL = {"erm": {}, "sam": {}, "asam": {}, "udim": {"warmup_steps": 10}, "itta"
           "arm": {}, "rsc": {}, "sd": {}, "andmask": {}, "sandmask": {}, "iga": {},
           "ib_erm": {"ib_anneal_steps": 20}, "ib_irm": {"irm_anneal_steps": 20, "ib_anneal_steps": 20},
           "causirl_coral": {}, "causirl_mmd": {}, "eqrm": {"burnin_steps": 20}, "fishr": {"anneal_steps": 20},
-          "selfreg": {}, "cad": {}, "condcad": {}, "urm": {}, "transfer": {}}
+          "selfreg": {}, "cad": {}, "condcad": {}, "urm": {}, "transfer": {}, "gsam": {}, "sagm": {}}
 
 
 @pytest.mark.parametrize("alias", NORMAL)

@@ -102,3 +102,57 @@ def test_schedulers_step_the_base_optimizer_under_manual_optimization():
     model = train(SAM, 4, lr=0.1, scheduler=(torch.optim.lr_scheduler.StepLR, {"step_size": 1, "gamma": 0.5}))
     (optimizer,) = model.trainer.optimizers
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.1 * 0.5**4)
+
+
+def _grads_at(algo, batch, shift=None):
+    params = [p for _, p in algo.named_trainable()]
+    with torch.no_grad():
+        if shift is not None:
+            for p, e in zip(params, shift, strict=True):
+                p += e
+    grads = torch.autograd.grad(nn.functional.cross_entropy(algo(batch.x), batch.y), params)
+    with torch.no_grad():
+        if shift is not None:
+            for p, e in zip(params, shift, strict=True):
+                p -= e
+    return params, grads
+
+
+def _small_batch():
+    g = torch.Generator().manual_seed(0)
+    return Batch(torch.rand(12, 1, 28, 28, generator=g), torch.randint(0, 10, (12,), generator=g),
+                 torch.arange(2).repeat_interleave(6))
+
+
+def test_gsam_descends_sams_gradient_minus_alpha_times_the_plain_gradients_orthogonal_part():
+    from dgkit_algorithms.sam import GSAM
+
+    torch.manual_seed(0)
+    task = Task((1, 28, 28), 10, ("a", "b"))
+    algo, batch = GSAM(task, Backbone("mlp"), rho=0.05, alpha=0.3), _small_batch()
+    params, g = _grads_at(algo, batch)
+    norm = torch.sqrt(sum(t.pow(2).sum() for t in g))
+    _, g_p = _grads_at(algo, batch, [0.05 * t / norm for t in g])
+    flat_g, flat_p = torch.cat([t.flatten() for t in g]), torch.cat([t.flatten() for t in g_p])
+    vertical = flat_g - (flat_g @ flat_p) / (flat_p @ flat_p) * flat_p  # g minus its projection on g_p
+    assert abs(float(vertical @ flat_p)) < 1e-6 * float(flat_p @ flat_p)
+    expected = flat_p - 0.3 * vertical
+    before = [p.detach().clone() for p in params]
+    algo.training_update(batch, plain_optimization(torch.optim.SGD(algo.parameter_groups(), lr=1.0)))
+    step = torch.cat([(b - p.detach()).flatten() for b, p in zip(before, params, strict=True)])
+    torch.testing.assert_close(step, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_sagm_descends_the_mean_of_the_plain_and_the_matched_perturbed_gradient():
+    from dgkit_algorithms.sam import SAGM
+
+    torch.manual_seed(0)
+    task = Task((1, 28, 28), 10, ("a", "b"))
+    algo, batch = SAGM(task, Backbone("mlp"), rho=0.05, alpha=0.2), _small_batch()
+    params, g = _grads_at(algo, batch)
+    norm = torch.sqrt(sum(t.pow(2).sum() for t in g))
+    _, g_p = _grads_at(algo, batch, [t * (0.05 / norm - 0.2) for t in g])  # w + rho g/||g|| - alpha g
+    before = [p.detach().clone() for p in params]
+    algo.training_update(batch, plain_optimization(torch.optim.SGD(algo.parameter_groups(), lr=1.0)))
+    for b, p, a, c in zip(before, params, g, g_p, strict=True):
+        torch.testing.assert_close(b - p.detach(), (a + c) / 2, atol=1e-5, rtol=1e-4)

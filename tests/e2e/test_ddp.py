@@ -49,7 +49,8 @@ NEEDS = {"divdis": ["--data.unlabeled=source_holdout"], "dbat": ["--data.unlabel
 # Through the command: the algorithms with engineering of their own (several optimizers,
 # stages, test-time stages, double backward). DomainBed's, all plain training steps, share
 # one process pair in tests/test_domainbed_zoo.py.
-ALGORITHMS = ["erm", "sam", "asam", "udim", "itta", "adanpc", "drm", "divdis", "dbat", "bonsai", "dann"]
+ALGORITHMS = ["erm", "sam", "asam", "gsam", "sagm", "udim", "itta", "adanpc", "drm", "divdis", "dbat",
+              "bonsai", "dann"]
 
 
 @pytest.mark.slow
