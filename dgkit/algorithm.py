@@ -225,7 +225,8 @@ class Algorithm(nn.Module):
         )
 
     def parameter_groups(self) -> Iterable[nn.Parameter] | list[dict]:
-        """What the main optimizer optimizes (all trainable parameters by default)."""
+        """What the main optimizer optimizes (all trainable parameters by default); in a
+        group dict, ``lr_scale`` multiplies the configured lr (MIRO's encoders: 10x)."""
         return [p for p in self.parameters() if p.requires_grad]
 
     def extra_optimizers(self, make: Callable[..., Optimizer]) -> list[Optimizer]:

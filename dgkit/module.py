@@ -149,6 +149,8 @@ class DGModule(LightningModule):
     # --- optimization -----------------------------------------------------------------
     def configure_optimizers(self) -> Any:
         main = self.optimizer_factory(self.algorithm.parameter_groups())
+        for group in main.param_groups:  # a group's lr_scale multiplies the configured lr
+            group["lr"] *= group.get("lr_scale", 1.0)
         extra = self.algorithm.extra_optimizers(self._make_optimizer)
         if extra and self.automatic_optimization:
             raise DGKitError(f"{type(self.algorithm).__name__} defines extra optimizers; it "

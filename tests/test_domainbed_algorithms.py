@@ -141,10 +141,10 @@ def source_batch_of(data: DomainDataModule, index: int, n: int = 128) -> torch.T
     return torch.stack([subset[j][0] for j in range(n)])
 
 
-def _fit(alias_cls, hparams: dict, steps: int, folder, ckpt_path=None) -> dict:
+def _fit(alias_cls, hparams: dict, steps: int, folder, ckpt_path=None, backbone: str = "mlp") -> dict:
     seed_everything(0)
     data = DomainDataModule(RotatedMNIST(), batch_size=8)
-    model = DGModule(algorithm=functools.partial(alias_cls, **hparams), task=data.task, backbone="mlp",
+    model = DGModule(algorithm=functools.partial(alias_cls, **hparams), task=data.task, backbone=backbone,
                      dropout=0.3)
     saver = ModelCheckpoint(dirpath=folder, every_n_train_steps=3, save_top_k=-1, filename="{step}")
     trainer = Trainer(max_steps=steps, limit_val_batches=0, logger=False, callbacks=[saver],

@@ -411,13 +411,13 @@ def _spec(alias: str, hparams: dict) -> str:
 
 @pytest.mark.slow
 def test_every_domainbed_algorithm_trains_under_two_ddp_processes_whose_ranks_agree(tmp_path):
-    specs = [_spec(a, h) for a, h in ZOO.items()] + ["unsynced_algorithm.Unsynced"]
+    specs = [_spec(a, h) for a, h in ZOO.items()] + ["miro:backbone=mnist_cnn", "unsynced_algorithm.Unsynced"]
     done = subprocess.run([sys.executable, str(SCRIPT), *specs], cwd=tmp_path, capture_output=True,
                           text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     lines = [line for line in done.stdout.splitlines() if ": step " in line]
     assert [line.split(", test accuracy")[0] for line in lines[:-1]] == [
-        f"{alias}: step 4, ranks agree" for alias in ZOO], done.stdout
+        f"{alias}: step 4, ranks agree" for alias in [*ZOO, "miro"]], done.stdout
     assert all(0 <= float(line.rsplit(" ", 1)[1]) <= 1 for line in lines), lines
     assert lines[-1].startswith("unsynced_algorithm.Unsynced: step 4, ranks differ"), lines[-1]
 

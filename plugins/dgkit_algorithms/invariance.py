@@ -61,6 +61,8 @@ class IRM(AnnealedPenalty):
     """Invariant Risk Minimization (IRMv1): per-domain risk plus the squared gradient of
     each domain's risk w.r.t. a dummy scale of the classifier, averaged over domains."""
 
+    differentiates_twice = True  # the penalty's gradient is a second derivative
+
     def __init__(self, task: Task, backbone: Backbone, lam: float = 100.0, anneal_steps: int = 500):
         """
         Args:

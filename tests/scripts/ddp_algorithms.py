@@ -5,11 +5,13 @@ parameters, and the test accuracy on the held-out domain.
 
     python tests/scripts/ddp_algorithms.py ALIAS[:key=value,...] ...
 
+``backbone=NAME`` among the settings picks the backbone (default: mlp).
 An ALIAS with a dot is a class path (``module.Class``) instead.
 """
 
 from __future__ import annotations
 
+import ast
 import functools
 import importlib
 import sys
@@ -29,7 +31,10 @@ def parse(spec: str) -> tuple[str, dict]:
     hparams = {}
     for item in filter(None, settings.split(",")):
         key, value = item.split("=")
-        hparams[key] = type(eval(value))(eval(value))  # numbers and booleans
+        try:
+            hparams[key] = ast.literal_eval(value)  # numbers and booleans
+        except (ValueError, SyntaxError):
+            hparams[key] = value
     return alias, hparams
 
 
@@ -37,6 +42,7 @@ def main() -> None:
     quiet_dependencies()
     for spec in sys.argv[1:]:
         alias, hparams = parse(spec)
+        backbone = hparams.pop("backbone", "mlp")
         seed_everything(0)
         data = DomainDataModule(RotatedMNIST(), batch_size=8)
         if "." in alias:
@@ -45,7 +51,7 @@ def main() -> None:
         else:
             cls = registry("algorithm").get(alias).obj
         algorithm = functools.partial(cls, **hparams)
-        model = DGModule(algorithm=algorithm, task=data.task, backbone="mlp")
+        model = DGModule(algorithm=algorithm, task=data.task, backbone=backbone)
         trainer = Trainer(accelerator="cpu", strategy="ddp", devices=2, max_steps=4, limit_val_batches=0,
                           limit_test_batches=2, logger=False, enable_checkpointing=False,
                           enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
