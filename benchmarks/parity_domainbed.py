@@ -16,6 +16,8 @@ DomainBed is not a dependency: give the path of a checkout of facebookresearch/D
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import sys
 from pathlib import Path
 
@@ -150,8 +152,9 @@ def run(name: str, algorithms, hparams_registry, batches, task, optimizer_name: 
     hparams = hparams_registry.default_hparams(name, "RotatedMNIST")
     hparams.update({"lr": 1e-3, "weight_decay": 0.0, "nonlinear_classifier": False,
                     "batch_size": len(batches[0][0][1]), **theirs})
-    reference = algorithms.get_algorithm_class(name)(task.input_shape, task.num_classes,
-                                                      task.num_domains, hparams)
+    with contextlib.redirect_stdout(io.StringIO()):  # URM announces itself on stdout
+        reference = algorithms.get_algorithm_class(name)(task.input_shape, task.num_classes,
+                                                          task.num_domains, hparams)
     PATCHES.get(name, lambda reference: None)(reference)
     compared = COMPARED.get(name, lambda algo: algo)(mine)
     # kinds only DomainBed builds are unused there (DANN's class embeddings)
