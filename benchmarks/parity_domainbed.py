@@ -194,6 +194,41 @@ def run(name: str, algorithms, hparams_registry, batches, task, optimizer_name: 
     return differences
 
 
+DRAW_SEEDS = [(0, 0), (1, 0), (2, 0), (5, 1), (19, 2)]  # (hparams_seed, trial_seed); 0: the defaults
+
+
+def compare_draws(hparams_registry, names: list[str]) -> list[str]:
+    """One line per data set: how many of dgkit's defaults and draws equal DomainBed's for
+    the same seeds, for every algorithm in ``names``, and which differ."""
+    from dgkit.search_space import DOMAINBED_NAMES, seed_hash, space
+
+    lines = []
+    for dataset in ("rotated_mnist", "officehome", "domainnet"):
+        equal, differ = 0, []
+        for name in names:
+            alias = ALGORITHMS[name][0]
+            hyperparameters = space(alias, registry("algorithm").get(alias).obj, dataset)
+            for h_seed, t_seed in DRAW_SEEDS:
+                random_seed = None if h_seed == 0 else seed_hash(h_seed, t_seed)
+                theirs = (hparams_registry.default_hparams(name, DOMAINBED_NAMES[dataset])
+                          if random_seed is None
+                          else hparams_registry.random_hparams(name, DOMAINBED_NAMES[dataset], random_seed))
+                for h in hyperparameters:
+                    value = theirs[h.domainbed_name]
+                    value = value.item() if isinstance(value, np.generic) else value
+                    if h.from_domainbed is not None and random_seed is not None:
+                        value = h.from_domainbed(value)
+                    mine = h.value(random_seed)
+                    if mine == value and isinstance(mine, bool) == isinstance(value, bool):
+                        equal += 1
+                    else:
+                        differ.append(f"{name}.{h.domainbed_name}@{h_seed},{t_seed}")
+        lines.append(f"search-space draws on {DOMAINBED_NAMES[dataset]} ({len(names)} algorithms, "
+                     f"hparams/trial seeds {DRAW_SEEDS}): {equal} equal DomainBed's, {len(differ)} differ"
+                     + (f": {' '.join(differ)}" if differ else ""))
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--domainbed", required=True, type=Path, help="a DomainBed checkout")
@@ -214,6 +249,9 @@ def main() -> None:
         differences = run(name, algorithms, hparams_registry, batches, task, args.optimizer)
         verdict = "yes" if max(differences) <= TARGET else "NO"
         print(f"| {name} | {' '.join(f'{d:.1e}' for d in differences)} | {verdict} |", flush=True)
+    print()
+    for line in compare_draws(hparams_registry, args.algorithms):
+        print(line)
 
 
 if __name__ == "__main__":

@@ -45,6 +45,8 @@ from dgkit.task import Task
 if TYPE_CHECKING:
     from torch.optim import Optimizer
 
+    from dgkit.search_space import Hyperparameter
+
 StepOutput = Tensor | dict[str, Tensor]
 
 
@@ -213,6 +215,13 @@ class Algorithm(nn.Module):
         self.task = task
         self.backbone = backbone
         self.progress = Progress()
+
+    @classmethod
+    def search_space(cls, dataset: str) -> list[Hyperparameter]:
+        """The distributions ``dgkit sweep --random`` draws this algorithm's own
+        hyperparameters from, on data set ``dataset`` (an alias); see
+        :mod:`dgkit.search_space`. The shared ones (lr, batch size, ...) are added there."""
+        return []
 
     # --- training -------------------------------------------------------------------
     def training_loss(self, batch: Batch) -> StepOutput:

@@ -5,6 +5,13 @@ that was stopped resumes by running the same command again.
 Locally the runs go one after another in this process. ``--slurm`` writes a job-array
 script (one array task per run, ``--index $SLURM_ARRAY_TASK_ID``) for ``sbatch``.
 
+``--random N --trials K`` without ``--grid`` is DomainBed's protocol: for every algorithm
+and held-out domain, N hyperparameter settings (0: the defaults, ``h > 0``: drawn from the
+algorithm's search space with the seed ``seed_hash(h, t)``, as DomainBed's) times K trials
+(trial ``t`` also sets the holdout split, ``--data.split_seed t``); ``dgkit report`` picks a
+setting per trial and averages over trials. With ``--grid``, ``--random N`` samples N of the
+grid's combinations instead.
+
 Two selection methods need runs of their own beside each setting's run, which the sweep
 adds: ``--kfold`` (crafted-shift k-fold, Efthymiadis et al.) trains on fold A's shifts
 validating on fold B's (``fold-A``), the reverse (``fold-B``), and the reported model on
@@ -44,9 +51,15 @@ class Run:
     fold: str = ""
     #: leave-one-domain-out: the training domain this run holds out as well
     validate_on: str = ""
+    #: DomainBed's protocol: the setting's number (0: defaults); ``seed`` is then the trial
+    hparams_seed: int | None = None
+    #: the training seed, when it is not ``seed`` (the protocol derives it, as DomainBed)
+    run_seed: int | None = None
 
     @property
     def config(self) -> str:
+        if self.hparams_seed is not None:
+            return f"hp{self.hparams_seed}"
         return "-".join(f"{k.split('.')[-1]}={v}" for k, v in sorted(self.hparams.items())) or "default"
 
     @property
@@ -59,13 +72,17 @@ class Run:
     @property
     def folder(self) -> str:
         leaf = self.variant or ("fold-all" if self.fold == "all" else "")
-        base = f"{self.algorithm}/{self.test_domain}/{self.config}/seed{self.seed}"
+        repeat = f"trial{self.seed}" if self.hparams_seed is not None else f"seed{self.seed}"
+        base = f"{self.algorithm}/{self.test_domain}/{self.config}/{repeat}"
         return f"{base}/{leaf}" if leaf else base
 
     def argv(self, extra: list[str]) -> list[str]:
         held_out = ", ".join(filter(None, (self.test_domain, self.validate_on)))
+        seed = self.seed if self.run_seed is None else self.run_seed
         out = ["fit", "--algo", self.algorithm, *extra,
-               "--data.test_domains", f"[{held_out}]", "--seed_everything", str(self.seed)]
+               "--data.test_domains", f"[{held_out}]", "--seed_everything", str(seed)]
+        if self.hparams_seed is not None:  # each trial its own holdout split, as DomainBed
+            out += ["--data.split_seed", str(self.seed)]
         for key, value in self.hparams.items():
             out += [f"--{key}", value]
         if self.fold:
@@ -88,6 +105,26 @@ def plan(algorithms: list[str], test_domains: list[str], seeds: list[int],
         runs += [Run(a, d, s, h, fold=f) for f in (("A", "B") if kfold else ())]
         runs.append(Run(a, d, s, h, fold=main))
         runs += [Run(a, d, s, h, fold=main, validate_on=v) for v in (lodo or []) if v != d]
+    return runs
+
+
+def plan_protocol(algorithms: list[str], test_domains: list[str], n_hparams: int, n_trials: int,
+                  dataset: str, kfold: bool = False, lodo: list[str] | None = None) -> list[Run]:
+    """DomainBed's random search: every algorithm x held-out domain x setting ``h`` (of
+    ``n_hparams``) x trial ``t`` (of ``n_trials``), with the extra runs of ``kfold`` and
+    ``lodo`` as :func:`plan` adds them."""
+    from dgkit.plugins import registry
+    from dgkit.search_space import cli_value, seed_hash, setting
+
+    runs = []
+    for a, d, h, t in itertools.product(algorithms, test_domains, range(n_hparams), range(n_trials)):
+        values = setting(a, registry("algorithm").get(a).obj, dataset, None if h == 0 else seed_hash(h, t))
+        hparams = {key: cli_value(v) for key, v in values.items()}
+        same = {"hparams_seed": h, "run_seed": seed_hash(dataset, a, d, h, t)}
+        main = "all" if kfold else ""
+        runs += [Run(a, d, t, hparams, fold=f, **same) for f in (("A", "B") if kfold else ())]
+        runs.append(Run(a, d, t, hparams, fold=main, **same))
+        runs += [Run(a, d, t, hparams, fold=main, validate_on=v, **same) for v in (lodo or []) if v != d]
     return runs
 
 
@@ -148,10 +185,9 @@ def parse_grid(items: list[str]) -> dict[str, list[str]]:
     return grid
 
 
-def all_domains(extra: list[str]) -> list[str]:
-    """Every domain of the data set the runs use (``--data ALIAS``; Rotated MNIST by default)."""
+def dataset_alias(extra: list[str]) -> str:
+    """The data set the runs use (``--data ALIAS``; Rotated MNIST by default)."""
     from dgkit.cli import DEFAULT_DATASET
-    from dgkit.plugins import registry
 
     alias = DEFAULT_DATASET
     for i, arg in enumerate(extra):
@@ -159,6 +195,14 @@ def all_domains(extra: list[str]) -> list[str]:
             alias = extra[i + 1]
         elif arg.startswith("--data="):
             alias = arg.split("=", 1)[1]
+    return alias
+
+
+def all_domains(extra: list[str]) -> list[str]:
+    """Every domain of the data set the runs use."""
+    from dgkit.plugins import registry
+
+    alias = dataset_alias(extra)
     domains = list(getattr(registry("dataset").get(alias).obj, "domains", ()))
     if not domains:
         raise DGKitError(f"--test-domains all: {alias} has no fixed list of domains; name them")
@@ -174,7 +218,12 @@ def main(argv: list[str]) -> None:
                         help="held-out domains, one run each; `all`: every domain of --data")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--grid", nargs="*", default=[], help="KEY=V1,V2 ... (dgkit fit keys)")
-    parser.add_argument("--random", type=int, help="draw this many hyperparameter settings")
+    parser.add_argument("--random", type=int, metavar="N",
+                        help="N hyperparameter settings: DomainBed's random search over each "
+                        "algorithm's search space (with --grid: N of the grid's combinations)")
+    parser.add_argument("--trials", type=int, metavar="K",
+                        help="with --random and no --grid: K trials of every setting (DomainBed's "
+                        "trial_seed 0..K-1; default 1)")
     parser.add_argument("--sweep-seed", type=int, default=0)
     parser.add_argument("--kfold", action="store_true",
                         help="crafted-shift k-fold selection: fold-A, fold-B and fold-all runs")
@@ -193,8 +242,18 @@ def main(argv: list[str]) -> None:
     if args.test_domains == ["all"]:
         args.test_domains = all_domains(extra)
     lodo = None if args.lodo is None else (args.lodo or args.test_domains)
-    runs = plan(args.algos, args.test_domains, args.seeds, parse_grid(args.grid), args.random,
-                args.sweep_seed, args.kfold, lodo)
+    grid = parse_grid(args.grid)
+    if args.trials is not None and (args.random is None or grid):
+        raise DGKitError("--trials K goes with --random N and no --grid (DomainBed's random search); "
+                         "for repeated grid runs use --seeds")
+    if args.random is not None and not grid:
+        if args.random < 1 or (args.trials or 1) < 1:
+            raise DGKitError("--random N and --trials K: N and K must be at least 1")
+        runs = plan_protocol(args.algos, args.test_domains, args.random, args.trials or 1,
+                             dataset_alias(extra), args.kfold, lodo)
+    else:
+        runs = plan(args.algos, args.test_domains, args.seeds, grid, args.random,
+                    args.sweep_seed, args.kfold, lodo)
     if args.slurm:
         own = [a for a in ["sweep", *argv] if a != "--slurm" and not a.startswith("--sbatch")]
         path = slurm_script(root, own, len(runs), args.sbatch)

@@ -147,3 +147,54 @@ def test_kfold_and_leave_one_domain_out_runs_and_their_selection(tmp_path, monke
             lodo[(lr, step)] = ((steps["15"][step] + steps["30"][step]) / 2, value)
     best = max(lodo.values(), key=lambda v: v[0])
     assert table.loc[("leave-one-domain-out", "0"), "mean"] == pytest.approx(best[1])
+
+
+def test_random_search_draws_domainbeds_settings_per_trial_and_the_report_averages_trials(tmp_path):
+    """DomainBed's protocol: setting 0 is the defaults, setting h of trial t draws each value
+    from ``RandomState(seed_hash(seed_hash(h, t), domainbed_name))``; every trial has its
+    own holdout split."""
+    import numpy as np
+    import yaml
+
+    from dgkit.search_space import seed_hash
+
+    argv = ["sweep", "--dir", "s", "--algos", "irm", "--test-domains", "75", "--random", "2", "--trials", "2",
+            "--", "--data", "rotated_mnist", "--model.backbone", "mlp", "--trainer.max_steps", "2",
+            "--data.track_test", "true", "--trainer.enable_progress_bar", "false",
+            "--trainer.enable_model_summary", "false"]
+    with inside(tmp_path):
+        main(argv)
+        main(["report", "s"])
+    runs = {p.parent.relative_to(tmp_path / "s").as_posix(): json.loads(p.read_text())
+            for p in (tmp_path / "s").rglob("run.json")}
+    assert sorted(runs) == [f"irm/75/hp{h}/trial{t}" for h in (0, 1) for t in (0, 1)]
+    assert runs["irm/75/hp0/trial1"]["hparams"] == {
+        "model.optimizer.lr": "0.001", "model.optimizer.weight_decay": "0.0", "data.batch_size": "64",
+        "model.algorithm.lam": "100.0", "model.algorithm.anneal_steps": "500"}
+    for trial in (0, 1):
+        seed = seed_hash(1, trial)
+
+        def draw(name, seed=seed):
+            return np.random.RandomState(seed_hash(seed, name))
+
+        drawn = runs[f"irm/75/hp1/trial{trial}"]["hparams"]
+        assert float(drawn["model.algorithm.lam"]) == 10 ** draw("irm_lambda").uniform(-1, 5)
+        anneal = int(10 ** draw("irm_penalty_anneal_iters").uniform(0, 4))
+        assert int(drawn["model.algorithm.anneal_steps"]) == anneal
+        assert float(drawn["model.optimizer.lr"]) == 10 ** draw("lr").uniform(-4.5, -2.5)
+        assert int(drawn["data.batch_size"]) == int(2 ** draw("batch_size").uniform(3, 9))
+        run = tmp_path / f"s/irm/75/hp1/trial{trial}"
+        config = yaml.safe_load(next(run.glob("runs/version_0/config.yaml")).read_text())
+        assert config["model"]["algorithm"]["init_args"]["lam"] == float(drawn["model.algorithm.lam"])
+        assert config["data"]["split_seed"] == trial
+    assert {r["seed"] for r in runs.values()} == {0, 1} and len({r["run_seed"] for r in runs.values()}) == 4
+    assert "| IRM |" in (tmp_path / "s" / "results.md").read_text()
+
+
+def test_trials_belong_to_the_random_search(tmp_path, capsys):
+    with inside(tmp_path):
+        with pytest.raises(SystemExit) as exc:
+            main(["sweep", "--dir", "s", "--algos", "erm", "--test-domains", "75", "--grid",
+                  "model.optimizer.lr=1e-3,1e-4", "--random", "1", "--trials", "2"])
+    assert exc.value.code == 2
+    assert "--trials K goes with --random N and no --grid" in capsys.readouterr().err

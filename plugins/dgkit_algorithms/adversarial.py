@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from dgkit import Algorithm, Backbone, Batch, Optimization, Task, check, register
 from dgkit.errors import check_choice
+from dgkit.search_space import SMALL_IMAGES, Hyperparameter, hp, log_uniform
 from dgkit_algorithms.erm import ERM
 
 
@@ -32,6 +33,24 @@ class DomainAdversarial(Algorithm):
 
     manual_optimization = True
     conditional = False
+
+    @classmethod
+    def search_space(cls, dataset: str) -> list[Hyperparameter]:
+        small = dataset in SMALL_IMAGES
+        lr = log_uniform(-4.5, -2.5) if small else log_uniform(-5, -3.5)
+        return [hp("lam", 1.0, log_uniform(-2, 2), "lambda"),
+                hp("weight_decay_d", 0.0, log_uniform(-6, -2)),
+                hp("d_steps_per_g", 1, lambda r: int(2 ** r.uniform(0, 3)), "d_steps_per_g_step"),
+                hp("grad_penalty", 0.0, log_uniform(-2, 1)),
+                hp("beta1", 0.5, lambda r: r.choice([0.0, 0.5])),
+                hp("mlp_width", 256, lambda r: int(2 ** r.uniform(6, 10))),
+                hp("mlp_depth", 3, lambda r: int(r.choice([3, 4, 5]))),
+                hp("mlp_dropout", 0.0, lambda r: r.choice([0.0, 0.1, 0.5])),
+                hp("lr_d", 1e-3 if small else 5e-5, lr),
+                # the generator's lr and weight decay replace the shared ones
+                Hyperparameter("model.optimizer.lr", 1e-3 if small else 5e-5, lr, "lr_g"),
+                Hyperparameter("model.optimizer.weight_decay", 0.0,
+                               (lambda r: 0.0) if small else log_uniform(-6, -2), "weight_decay_g")]
 
     def __init__(self, task: Task, backbone: Backbone, lam: float = 1.0, d_steps_per_g: int = 1,
                  grad_penalty: float = 0.0, beta1: float | None = 0.5, lr_d: float | None = None,
@@ -144,6 +163,17 @@ class URM(ERM):
 
     manual_optimization = True
 
+    @classmethod
+    def search_space(cls, dataset: str) -> list[Hyperparameter]:
+        lr = log_uniform(-5.5, -3.5) if dataset in SMALL_IMAGES else log_uniform(-6, -4.5)
+        return [hp("adv_lambda", 0.1, lambda r: float(r.uniform(0, 0.2)), "urm_adv_lambda"),
+                hp("label_smoothing", 0.0, lambda r: float(r.uniform(0, 0)),
+                   "urm_discriminator_label_smoothing"),
+                hp("hidden_layers", 1, lambda r: int(r.choice([1, 2, 3])), "urm_discriminator_hidden_layers"),
+                hp("generator_output", "tanh", lambda r: str(r.choice(["tanh", "relu"])),
+                   "urm_generator_output"),
+                hp("discriminator_lr", 1e-3 if dataset in SMALL_IMAGES else 5e-5, lr, "urm_discriminator_lr")]
+
     def __init__(self, task: Task, backbone: Backbone, adv_lambda: float = 0.1,
                  discriminator_lr: float | None = None, label_smoothing: float = 0.0, hidden_layers: int = 1,
                  generator_output: Literal["tanh", "relu", "sigmoid"] = "tanh"):
@@ -222,6 +252,13 @@ class Transfer(ERM):
     radius ``delta`` around it."""
 
     manual_optimization = True
+
+    @classmethod
+    def search_space(cls, dataset: str) -> list[Hyperparameter]:
+        return [hp("t_lambda", 1.0, lambda r: 10 ** r.uniform(-2, 1)),
+                hp("delta", 2.0, lambda r: r.uniform(0.1, 3.0)),
+                hp("d_steps_per_g", 10, lambda r: int(r.choice([1, 2, 5]))),
+                hp("lr_d", 1e-3, lambda r: 10 ** r.uniform(-4.5, -2.5))]
 
     def __init__(self, task: Task, backbone: Backbone, t_lambda: float = 1.0, delta: float = 2.0,
                  d_steps_per_g: int = 10, lr_d: float = 1e-3):

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dgkit import Backbone, Batch, Task, register
+from dgkit.search_space import Hyperparameter, hp
 from dgkit_algorithms.erm import ERM
 
 GAMMAS = (0.001, 0.01, 0.1, 1, 10, 100, 1000)  # DomainBed's bandwidths of the Gaussian kernels
@@ -51,6 +52,10 @@ class FeatureAlignment(ERM):
 
     #: the distance between two domains' features, ``(x, y) -> scalar``
     distance: Callable[[Tensor, Tensor], Tensor]
+
+    @classmethod
+    def search_space(cls, dataset: str) -> list[Hyperparameter]:
+        return [hp("gamma", 1.0, lambda r: 10 ** r.uniform(-1, 1), "mmd_gamma")]
 
     def __init__(self, task: Task, backbone: Backbone, gamma: float = 1.0):
         """
@@ -92,6 +97,10 @@ class CausalInvariance(ERM):
     the style that varies within a domain (the paper's causal mechanism)."""
 
     distance: Callable[[Tensor, Tensor], Tensor]
+
+    @classmethod
+    def search_space(cls, dataset: str) -> list[Hyperparameter]:
+        return [hp("gamma", 1.0, lambda r: 10 ** r.uniform(-1, 1), "mmd_gamma")]
 
     def __init__(self, task: Task, backbone: Backbone, gamma: float = 1.0):
         """

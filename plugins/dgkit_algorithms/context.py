@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dgkit import Algorithm, Backbone, Batch, Task, check, register
+from dgkit.search_space import Hyperparameter, hp
 from dgkit_algorithms.erm import ERM
 
 
@@ -20,6 +21,10 @@ class MTL(Algorithm):
     """Marginal Transfer Learning: the classifier sees the features and the mean feature of
     the example's domain (a moving average per source domain in training, the evaluated
     batch's mean at test time, so each test batch should come from one domain)."""
+
+    @classmethod
+    def search_space(cls, dataset: str) -> list[Hyperparameter]:
+        return [hp("ema", 0.99, lambda r: r.choice([0.5, 0.9, 0.99, 1.0]), "mtl_ema")]
 
     def __init__(self, task: Task, backbone: Backbone, ema: float = 0.99, noise_embedding: bool = False):
         """

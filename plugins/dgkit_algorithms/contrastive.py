@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dgkit import Algorithm, Backbone, Batch, Task, check, register
+from dgkit.search_space import Hyperparameter, hp
 from dgkit_algorithms.erm import ERM
 
 
@@ -74,6 +75,14 @@ class ContrastiveBottleneck(Algorithm):
 
     conditional = False
     base_temperature = 0.07
+
+    @classmethod
+    def search_space(cls, dataset: str) -> list[Hyperparameter]:
+        return [hp("lmbda", 0.1, lambda r: r.choice([1e-4, 1e-3, 1e-2, 1e-1, 1, 1e1, 1e2])),
+                hp("temperature", 0.1, lambda r: r.choice([0.05, 0.1])),
+                hp("normalized", False, lambda r: False, "is_normalized"),
+                hp("project", False, lambda r: False, "is_project"),
+                hp("flipped", True, lambda r: True, "is_flipped")]
 
     def __init__(self, task: Task, backbone: Backbone, lmbda: float = 0.1, temperature: float = 0.1,
                  normalized: bool = False, project: bool = False, flipped: bool = True):

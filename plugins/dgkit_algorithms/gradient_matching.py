@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from dgkit import Backbone, Batch, Optimization, Task, check, register
 from dgkit.distributed import average_in_place
+from dgkit.search_space import Hyperparameter, hp
 from dgkit_algorithms.erm import ERM
 
 
@@ -26,6 +27,10 @@ class Fish(ERM):
     step to step, as DomainBed's."""
 
     manual_optimization = True
+
+    @classmethod
+    def search_space(cls, dataset: str) -> list[Hyperparameter]:
+        return [hp("meta_lr", 0.5, lambda r: r.choice([0.05, 0.1, 0.5]))]
 
     def __init__(self, task: Task, backbone: Backbone, meta_lr: float = 0.5):
         """
@@ -96,6 +101,10 @@ class ANDMask(DomainGradients):
     """AND-mask: zero every gradient component on whose sign fewer than a ``tau`` share of
     the domains agree (in mean sign), then rescale by the share kept."""
 
+    @classmethod
+    def search_space(cls, dataset: str) -> list[Hyperparameter]:
+        return [hp("tau", 1.0, lambda r: r.uniform(0.5, 1.0))]
+
     def __init__(self, task: Task, backbone: Backbone, tau: float = 1.0):
         """
         Args:
@@ -112,6 +121,11 @@ class ANDMask(DomainGradients):
 class SANDMask(DomainGradients):
     """SAND-mask: a soft AND-mask, ``max(0, tanh(k (|mean sign| - tau) / var))``, so
     components the domains agree on consistently (low variance) pass most."""
+
+    @classmethod
+    def search_space(cls, dataset: str) -> list[Hyperparameter]:
+        return [hp("tau", 1.0, lambda r: r.uniform(0.0, 1.0)),
+                hp("k", 10.0, lambda r: 10 ** r.uniform(-3, 5))]
 
     def __init__(self, task: Task, backbone: Backbone, tau: float = 1.0, k: float = 10.0):
         """
@@ -138,6 +152,10 @@ class IGA(ERM):
     gradients' covariance across domains)."""
 
     differentiates_twice = True
+
+    @classmethod
+    def search_space(cls, dataset: str) -> list[Hyperparameter]:
+        return [hp("penalty", 1000.0, lambda r: 10 ** r.uniform(1, 5))]
 
     def __init__(self, task: Task, backbone: Backbone, penalty: float = 1000.0):
         """
@@ -178,6 +196,12 @@ class Fishr(ERM):
     at ``anneal_steps``, and the optimizer restarts there."""
 
     manual_optimization = True
+
+    @classmethod
+    def search_space(cls, dataset: str) -> list[Hyperparameter]:
+        return [hp("lam", 1000.0, lambda r: 10 ** r.uniform(1.0, 4.0), "lambda"),
+                hp("anneal_steps", 1500, lambda r: int(r.uniform(0.0, 5000.0)), "penalty_anneal_iters"),
+                hp("ema", 0.95, lambda r: r.uniform(0.90, 0.99))]
 
     def __init__(self, task: Task, backbone: Backbone, lam: float = 1000.0, anneal_steps: int = 1500,
                  ema: float = 0.95):

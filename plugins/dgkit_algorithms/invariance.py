@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dgkit import Backbone, Batch, Optimization, Task, check, register
+from dgkit.search_space import Hyperparameter, hp
 from dgkit_algorithms.erm import ERM
 
 
@@ -63,6 +64,11 @@ class IRM(AnnealedPenalty):
 
     differentiates_twice = True  # the penalty's gradient is a second derivative
 
+    @classmethod
+    def search_space(cls, dataset: str) -> list[Hyperparameter]:
+        return [hp("lam", 100.0, lambda r: 10 ** r.uniform(-1, 5), "irm_lambda"),
+                hp("anneal_steps", 500, lambda r: int(10 ** r.uniform(0, 4)), "irm_penalty_anneal_iters")]
+
     def __init__(self, task: Task, backbone: Backbone, lam: float = 100.0, anneal_steps: int = 500):
         """
         Args:
@@ -80,6 +86,11 @@ class IRM(AnnealedPenalty):
 @register("vrex")
 class VREx(AnnealedPenalty):
     """Risk Extrapolation (V-REx): the mean of the per-domain risks plus their variance."""
+
+    @classmethod
+    def search_space(cls, dataset: str) -> list[Hyperparameter]:
+        return [hp("lam", 10.0, lambda r: 10 ** r.uniform(-1, 5), "vrex_lambda"),
+                hp("anneal_steps", 500, lambda r: int(10 ** r.uniform(0, 4)), "vrex_penalty_anneal_iters")]
 
     def __init__(self, task: Task, backbone: Backbone, lam: float = 10.0, anneal_steps: int = 500):
         """
@@ -137,6 +148,11 @@ class InformationBottleneck(ERM):
 class IB_ERM(InformationBottleneck):
     """IB-ERM: ERM plus the information bottleneck on the features."""
 
+    @classmethod
+    def search_space(cls, dataset: str) -> list[Hyperparameter]:
+        return [hp("ib_lambda", 100.0, lambda r: 10 ** r.uniform(-1, 5)),
+                hp("ib_anneal_steps", 500, lambda r: int(10 ** r.uniform(0, 4)), "ib_penalty_anneal_iters")]
+
     def __init__(self, task: Task, backbone: Backbone, ib_lambda: float = 100.0, ib_anneal_steps: int = 500):
         """
         Args:
@@ -151,6 +167,13 @@ class IB_IRM(InformationBottleneck):
     """IB-IRM: IRMv1 plus the information bottleneck, each with its own annealing."""
 
     differentiates_twice = True
+
+    @classmethod
+    def search_space(cls, dataset: str) -> list[Hyperparameter]:
+        return [hp("irm_lambda", 100.0, lambda r: 10 ** r.uniform(-1, 5)),
+                hp("irm_anneal_steps", 500, lambda r: int(10 ** r.uniform(0, 4)), "irm_penalty_anneal_iters"),
+                hp("ib_lambda", 100.0, lambda r: 10 ** r.uniform(-1, 5)),
+                hp("ib_anneal_steps", 500, lambda r: int(10 ** r.uniform(0, 4)), "ib_penalty_anneal_iters")]
 
     def __init__(self, task: Task, backbone: Backbone, irm_lambda: float = 100.0, irm_anneal_steps: int = 500,
                  ib_lambda: float = 100.0, ib_anneal_steps: int = 500):

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dgkit import Backbone, Batch, Optimization, Task, check, register
+from dgkit.search_space import Hyperparameter, hp
 from dgkit_algorithms.erm import ERM
 
 
@@ -35,6 +36,11 @@ class MLDG(ERM):
     ``j`` (no second derivatives, as DomainBed)."""
 
     manual_optimization = True
+
+    @classmethod
+    def search_space(cls, dataset: str) -> list[Hyperparameter]:
+        return [hp("beta", 1.0, lambda r: 10 ** r.uniform(-1, 1), "mldg_beta"),
+                hp("n_meta_test", 2, lambda r: r.choice([1, 2]))]
 
     def __init__(self, task: Task, backbone: Backbone, beta: float = 1.0, n_meta_test: int = 2):
         """

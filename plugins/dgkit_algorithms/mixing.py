@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dgkit import Backbone, Batch, Task, check, register
+from dgkit.search_space import Hyperparameter, hp
 from dgkit_algorithms.erm import ERM
 
 
@@ -27,6 +28,10 @@ def random_pairs(domains: list[tuple[Tensor, Tensor]]) -> list[tuple[tuple[Tenso
 class Mixup(ERM):
     """Train on convex combinations of two domains' images, with the loss mixed the same
     way: ``lam * CE(f(x), y_i) + (1 - lam) * CE(f(x), y_j)``, ``lam ~ Beta(alpha, alpha)``."""
+
+    @classmethod
+    def search_space(cls, dataset: str) -> list[Hyperparameter]:
+        return [hp("alpha", 0.2, lambda r: 10 ** r.uniform(-1, 1), "mixup_alpha")]
 
     def __init__(self, task: Task, backbone: Backbone, alpha: float = 0.2):
         """

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dgkit import Backbone, Batch, Task, check, register
+from dgkit.search_space import Hyperparameter, hp
 from dgkit_algorithms.erm import ERM
 
 
@@ -20,6 +21,11 @@ class RSC(ERM):
     features by gradient of its true-class score (Eq. 1-4), but only for the samples whose
     confidence drops least under that muting (the batch percentage, Sec. 3.3), and train on
     what is left (Eq. 5)."""
+
+    @classmethod
+    def search_space(cls, dataset: str) -> list[Hyperparameter]:
+        return [hp("f_drop_factor", 1 / 3, lambda r: r.uniform(0, 0.5), "rsc_f_drop_factor"),
+                hp("b_drop_factor", 1 / 3, lambda r: r.uniform(0, 0.5), "rsc_b_drop_factor")]
 
     def __init__(self, task: Task, backbone: Backbone, f_drop_factor: float = 1 / 3,
                  b_drop_factor: float = 1 / 3):
@@ -53,6 +59,10 @@ class RSC(ERM):
 class SD(ERM):
     """Spectral Decoupling (Eq. 25 of the paper): cross-entropy plus ``reg`` times the mean
     squared logit."""
+
+    @classmethod
+    def search_space(cls, dataset: str) -> list[Hyperparameter]:
+        return [hp("reg", 0.1, lambda r: 10 ** r.uniform(-5, -1), "sd_reg")]
 
     def __init__(self, task: Task, backbone: Backbone, reg: float = 0.1):
         """

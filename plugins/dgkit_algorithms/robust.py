@@ -4,6 +4,8 @@ quantile of the risks' distribution across domains."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -11,6 +13,7 @@ from torch.distributions import Normal
 
 from dgkit import Backbone, Batch, Optimization, Task, check, register
 from dgkit.distributed import mean_over_ranks
+from dgkit.search_space import Hyperparameter, hp
 from dgkit_algorithms.erm import ERM
 
 
@@ -19,6 +22,10 @@ class GroupDRO(ERM):
     """Minimize the ``q``-weighted sum of the per-domain risks, where ``q`` follows the
     domains' losses by exponentiated gradient ascent (Algorithm 1 of the paper): the worst
     domain gets the most weight."""
+
+    @classmethod
+    def search_space(cls, dataset: str) -> list[Hyperparameter]:
+        return [hp("eta", 0.01, lambda r: 10 ** r.uniform(-3, -1), "groupdro_eta")]
 
     def __init__(self, task: Task, backbone: Backbone, eta: float = 0.01):
         """
@@ -70,6 +77,15 @@ class EQRM(ERM):
     optimizer restarts at the switch, with its own learning rate."""
 
     manual_optimization = True
+
+    @classmethod
+    def search_space(cls, dataset: str) -> list[Hyperparameter]:
+        return [hp("quantile", 0.75, lambda r: r.uniform(0.5, 0.99), "eqrm_quantile"),
+                # DomainBed draws a fractional step, which its step count never equals (so
+                # it never restarts Adam in random runs); here it is rounded up.
+                hp("burnin_steps", 2500, lambda r: math.ceil(10 ** r.uniform(2.5, 3.5)), "eqrm_burnin_iters",
+                   from_domainbed=math.ceil),
+                hp("lr_after_burnin", 1e-6, lambda r: 10 ** r.uniform(-7, -5), "eqrm_lr")]
 
     def __init__(self, task: Task, backbone: Backbone, quantile: float = 0.75, burnin_steps: int = 2500,
                  lr_after_burnin: float | None = 1e-6):

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dgkit import Algorithm, Backbone, Batch, Optimization, Task, register
+from dgkit.search_space import Hyperparameter, hp
 
 
 def randomize(x: Tensor, what: str = "style", eps: float = 1e-5) -> Tensor:
@@ -37,6 +38,10 @@ class SagNet(Algorithm):
     featurizer learns to make the style classifier uncertain (weight ``w_adv``)."""
 
     manual_optimization = True
+
+    @classmethod
+    def search_space(cls, dataset: str) -> list[Hyperparameter]:
+        return [hp("w_adv", 0.1, lambda r: 10 ** r.uniform(-2, 1), "sag_w_adv")]
 
     def __init__(self, task: Task, backbone: Backbone, w_adv: float = 0.1):
         """
