@@ -20,6 +20,7 @@ import contextlib
 import io
 import sys
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import torch
@@ -78,6 +79,10 @@ ALGORITHMS = {
             {"adv_lambda": 0.1, "discriminator_lr": 1e-3, "hidden_layers": 1, "generator_output": "tanh"}),
     "Transfer": ("transfer", {"t_lambda": 1.0, "delta": 1e-4, "d_steps_per_g": 3, "lr_d": 1e-1, "gda": False},
                  {"t_lambda": 1.0, "delta": 1e-4, "d_steps_per_g": 3, "lr_d": 1e-1}),
+    "RDM": ("rdm", {"rdm_lambda": 5.0, "rdm_penalty_anneal_iters": 2, "variance_weight": 0.004,
+                    "rdm_lr": 1e-4},
+            {"lam": 5.0, "anneal_steps": 2, "variance_weight": 0.004, "lr_after_anneal": 1e-4}),
+    "ADRMX": ("adrmx", {}, {"remix_within_class": False}),
     "CAD": ("cad", {"lmbda": 0.1, "temperature": 0.1, "is_normalized": False, "is_project": False,
                     "is_flipped": True}, {"lmbda": 0.1, "temperature": 0.1}),
     "CondCAD": ("condcad", {"lmbda": 0.1, "temperature": 0.1, "is_normalized": False, "is_project": False,
@@ -137,7 +142,19 @@ def backpack_without_inputs(reference) -> None:
     reference._get_grads = get_grads
 
 
-PATCHES = {"Fishr": backpack_without_inputs}
+def cuda_as_cpu(reference) -> None:
+    """DomainBed's RDM puts a buffer on the GPU with ``.cuda()``; on a CPU-only machine that
+    call becomes the identity for its update."""
+    update = reference.update
+
+    def on_cpu(*args, **kwargs):
+        with mock.patch.object(torch.Tensor, "cuda", lambda t, *a, **k: t):
+            return update(*args, **kwargs)
+
+    reference.update = on_cpu
+
+
+PATCHES = {"Fishr": backpack_without_inputs, "RDM": cuda_as_cpu}
 
 
 def max_difference(a: list[nn.Module], b: list[nn.Module]) -> float:

@@ -24,6 +24,7 @@ from dgkit_algorithms.adversarial import CDANN, DANN, URM, Transfer
 from dgkit_algorithms.alignment import CausIRL_CORAL, CausIRL_MMD, coral_distance, mmd_distance
 from dgkit_algorithms.context import ARM, MTL
 from dgkit_algorithms.contrastive import CAD, CondCAD, SelfReg
+from dgkit_algorithms.disentanglement import ADRMX, supcon_lambda
 from dgkit_algorithms.gradient_matching import (
     IGA,
     ANDMask,
@@ -35,7 +36,7 @@ from dgkit_algorithms.gradient_matching import (
 from dgkit_algorithms.invariance import IB_ERM, IB_IRM
 from dgkit_algorithms.meta_learning import MLDG, split_meta_train_test
 from dgkit_algorithms.regularization import RSC, SD
-from dgkit_algorithms.robust import EQRM, kde_quantile
+from dgkit_algorithms.robust import EQRM, RDM, kde_quantile
 from dgkit_algorithms.style import SagNet, randomize
 
 TASK = make_task(domains=("a", "b", "c"))
@@ -395,13 +396,80 @@ def test_transfer_adversary_ascends_the_domain_gap_inside_its_ball():
         assert gap_adversary > algo.loss_gap(batch)  # the adversary widened the gap
 
 
+def test_rdm_matches_the_worst_domains_loss_distribution_to_all_after_annealing():
+    from dgkit_algorithms.alignment import gaussian_kernel
+    from dgkit_algorithms.robust import RDM_GAMMAS
+
+    torch.manual_seed(0)
+    algo = RDM(TASK, Backbone("mlp"), lam=2.0, anneal_steps=1, variance_weight=0.5, lr_after_anneal=1e-4)
+    optimizer = torch.optim.Adam(algo.parameters(), lr=1e-3)
+    batch = _batch()
+    with torch.no_grad():
+        per_sample = F.cross_entropy(algo(batch.x), batch.y, reduction="none").view(3, 8)  # [domain, sample]
+    worst, everyone = per_sample[per_sample.mean(1).argmax()].view(-1, 1), per_sample.view(-1, 1)
+    mmd = (gaussian_kernel(worst, worst, RDM_GAMMAS).mean()
+           + gaussian_kernel(everyone, everyone, RDM_GAMMAS).mean()
+           - 2 * gaussian_kernel(worst, everyone, RDM_GAMMAS).mean())
+    out = algo.training_update(batch, plain_optimization(optimizer))  # step 0: ERM
+    torch.testing.assert_close(out["matching"], mmd)
+    torch.testing.assert_close(out["loss"], out["nll"])
+    algo.progress.step = 1
+    out = algo.training_update(batch, plain_optimization(optimizer))
+    torch.testing.assert_close(out["loss"], out["nll"] + 2.0 * out["matching"] + 0.5 * out["variance"])
+    assert optimizer.param_groups[0]["lr"] == 1e-4 and optimizer.state[next(algo.parameters())]["step"] == 1
+
+
+def test_adrmx_turns_contrastive_loss_and_same_class_remix():
+    labels, domains = torch.tensor([0, 0, 1, 1]), torch.tensor([0, 1, 0, 1])
+    features = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
+    dots = F.normalize(features, dim=1) @ F.normalize(features, dim=1).T / 0.07
+    expected = 0.0
+    for i in range(4):  # one positive per sample, from the other domain: weight 1 - lamda
+        pos = next(j for j in range(4) if labels[j] == labels[i] and j != i)
+        neg = [j for j in range(4) if labels[j] != labels[i]]
+        weights = {j: 0.5 for j in range(4)}  # lamda = 0.5 for in- and out-of-domain alike
+        num = weights[pos] * torch.exp(dots[pos, i])
+        den = num + sum(weights[j] * torch.exp(dots[j, i]) for j in neg) + 1e-5
+        expected = expected - torch.log(num / den + 1e-5)
+    torch.testing.assert_close(supcon_lambda(features, labels, domains), expected / 5)
+    torch.manual_seed(0)
+    algo, batch = ADRMX(TASK, Backbone("mlp"), d_steps_per_g=2), _batch()
+    from dgkit.algorithm import Optimization
+    optimizers = [torch.optim.Adam(algo.parameter_groups()), *algo.extra_optimizers(
+        lambda groups: torch.optim.Adam(groups))]
+    turns = []
+    for step in range(3):
+        algo.progress.step = step
+        before = _params(algo.featurizer)
+        out = algo.training_update(batch, Optimization.standalone(optimizers))
+        turns.append("nll" in out and not all(torch.equal(a, b) for a, b in
+                                              zip(before, algo.featurizer.parameters(), strict=True)))
+    assert turns == [False, True, False]  # DomainBed's count from 1: d, g, d (then d, g, ...)
+    combined, domain = torch.randn(24, 5), torch.randn(24, 5)
+    picked = []
+
+    class Recorder(torch.nn.Module):
+        def forward(self, v):
+            picked.append(v)
+            return torch.zeros(1, 10)
+
+    algo.classifier = Recorder()
+    torch.manual_seed(0)
+    algo.remix_loss(combined, domain, batch.y)
+    # each remix: one sample's invariant part plus another same-class sample's domain part
+    pairs = [(a, b) for a in range(24) for b in range(24)
+             if any(torch.allclose(combined[a] + domain[b], v[0]) for v in picked)]
+    assert len(pairs) == len(picked) > 0 and all(batch.y[a] == batch.y[b] for a, b in pairs)
+
+
 # Every DomainBed algorithm in dgkit, with what it needs to act within a few steps.
 ZOO = {"irm": {"anneal_steps": 2}, "vrex": {"anneal_steps": 2}, "groupdro": {}, "mixup": {}, "coral": {},
        "mmd": {}, "mldg": {}, "fish": {}, "dann": {}, "cdann": {"grad_penalty": 0.1}, "mtl": {},
        "sagnet": {}, "arm": {}, "rsc": {}, "sd": {}, "andmask": {"tau": 0.6}, "sandmask": {"tau": 0.5},
        "iga": {}, "ib_erm": {"ib_anneal_steps": 2}, "ib_irm": {"irm_anneal_steps": 1, "ib_anneal_steps": 2},
        "causirl_coral": {}, "causirl_mmd": {}, "eqrm": {"burnin_steps": 2}, "fishr": {"anneal_steps": 2},
-       "selfreg": {}, "cad": {}, "condcad": {}, "urm": {}, "transfer": {"d_steps_per_g": 2}}
+       "selfreg": {}, "cad": {}, "condcad": {}, "urm": {}, "transfer": {"d_steps_per_g": 2},
+       "rdm": {"anneal_steps": 2}, "adrmx": {}}
 SCRIPT = Path(__file__).parent / "scripts" / "ddp_algorithms.py"
 
 

@@ -111,7 +111,7 @@ NORMAL = {"erm": {}, "sam": {}, "asam": {}, "udim": {"warmup_steps": 10}, "itta"
           "ib_erm": {"ib_anneal_steps": 20}, "ib_irm": {"irm_anneal_steps": 20, "ib_anneal_steps": 20},
           "causirl_coral": {}, "causirl_mmd": {}, "eqrm": {"burnin_steps": 20}, "fishr": {"anneal_steps": 20},
           "selfreg": {}, "cad": {}, "condcad": {}, "urm": {}, "transfer": {}, "gsam": {}, "sagm": {},
-          "miro": {}}
+          "miro": {}, "rdm": {"anneal_steps": 20}, "adrmx": {}}
 
 
 @pytest.mark.parametrize("alias", NORMAL)

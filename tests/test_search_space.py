@@ -26,11 +26,11 @@ def test_defaults_are_the_signatures_and_every_draw_builds(alias):
     cls = registry("algorithm").get(alias).obj
     parameters = inspect.signature(cls.__init__).parameters
     task = make_task(domains=("a", "b", "c"))
+    for h in space(alias, cls, "rotated_mnist"):  # DomainBed's defaults on small images are the signature's
+        if h.key.startswith("model.algorithm."):
+            default = parameters[h.key.removeprefix("model.algorithm.")].default
+            assert default is None or default == h.default, (h.key, default, h.default)
     for dataset in ("rotated_mnist", "officehome"):
-        for h in space(alias, cls, dataset):
-            if h.key.startswith("model.algorithm."):
-                default = parameters[h.key.removeprefix("model.algorithm.")].default
-                assert default is None or default == h.default, (h.key, default, h.default)
         for seed in (None, seed_hash(1, 0), seed_hash(2, 1), seed_hash(7, 2)):
             values = setting(alias, cls, dataset, seed)
             own = {k.removeprefix("model.algorithm."): v for k, v in values.items()

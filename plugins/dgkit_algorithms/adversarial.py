@@ -319,3 +319,4 @@ class Transfer(ERM):
             opt.step(adv_opt)
             self.project()
         return {"loss": loss.detach(), "gap": -gap.detach()}
+

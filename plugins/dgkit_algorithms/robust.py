@@ -1,6 +1,7 @@
 """Robustness over the source domains' risks, as DomainBed runs it: Group DRO (Sagawa et al.,
 ICLR 2020) weighs the worst domains most; EQRM (Eastwood et al., NeurIPS 2022) minimizes a
-quantile of the risks' distribution across domains."""
+quantile of the risks' distribution across domains; RDM (Nguyen et al., WACV 2024) matches
+the worst domain's distribution of per-sample risks to all domains'."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from torch.distributions import Normal
 
 from dgkit import Backbone, Batch, Optimization, Task, check, register
 from dgkit.distributed import mean_over_ranks
-from dgkit.search_space import Hyperparameter, hp
+from dgkit.search_space import SMALL_IMAGES, Hyperparameter, hp
+from dgkit_algorithms.alignment import gaussian_kernel
 from dgkit_algorithms.erm import ERM
 
 
@@ -110,3 +112,76 @@ class EQRM(ERM):
         opt.backward(loss)
         opt.step()
         return loss.detach()
+
+
+RDM_GAMMAS = (0.0001, 0.001, 0.01, 0.1, 1, 10, 100, 1000)  # DomainBed's RDM kernel bandwidths
+
+
+@register("rdm")
+class RDM(ERM):
+    """Risk Distribution Matching (Nguyen et al., WACV 2024): after ``anneal_steps`` of ERM,
+    also match the distribution of per-sample losses of the worst domain to that of all
+    domains (MMD over the losses, ``lam``), and penalize both distributions' variances
+    (``variance_weight``). The optimizer restarts at the switch with ``lr_after_anneal``.
+    Every domain's minibatch must have the same size (DomainBed stacks them)."""
+
+    manual_optimization = True
+
+    @classmethod
+    def search_space(cls, dataset: str) -> list[Hyperparameter]:
+        if dataset == "domainnet":
+            lam, anneal = (0.5, lambda r: r.uniform(0.1, 1.0)), (2400, lambda r: int(r.uniform(1500, 3000)))
+        else:
+            lam = (5.0, (lambda r: r.uniform(1.0, 10.0)) if dataset in ("pacs", "terraincognita")
+                   else (lambda r: r.uniform(0.1, 10.0)))
+            anneal = (1500, lambda r: int(r.uniform(800, 2700)))
+        no_variance = dataset in ("terraincognita", "officehome", "domainnet")
+        variance = ((0.0, lambda r: r.choice([0.0])) if no_variance
+                    else (0.004, lambda r: r.uniform(0.001, 0.007)))
+        out = [hp("lam", *lam, "rdm_lambda"), hp("anneal_steps", *anneal, "rdm_penalty_anneal_iters"),
+               hp("variance_weight", *variance),
+               hp("lr_after_anneal", 1.5e-5, lambda r: r.uniform(8e-6, 2e-5), "rdm_lr")]
+        if dataset in ("domainnet", "terraincognita"):  # DomainBed's RDM batch sizes on big images
+            out.append(Hyperparameter("data.batch_size", 40, lambda r: int(r.uniform(30, 60)), "batch_size"))
+        elif dataset not in SMALL_IMAGES:
+            out.append(Hyperparameter("data.batch_size", 88, lambda r: int(r.uniform(70, 100)), "batch_size"))
+        return out
+
+    def __init__(self, task: Task, backbone: Backbone, lam: float = 5.0, anneal_steps: int = 1500,
+                 variance_weight: float = 0.004, lr_after_anneal: float | None = 1.5e-5):
+        """
+        Args:
+            lam: weight of the loss distributions' MMD after annealing (``rdm_lambda``).
+            anneal_steps: steps of ERM first (``rdm_penalty_anneal_iters``).
+            variance_weight: weight of the loss distributions' variances (``variance_weight``).
+            lr_after_anneal: the learning rate from the switch on (``rdm_lr``; None: unchanged).
+        """
+        super().__init__(task, backbone)
+        self.lam, self.anneal_steps = lam, anneal_steps
+        self.variance_weight, self.lr_after_anneal = variance_weight, lr_after_anneal
+
+    def training_update(self, batch: Batch, opt: Optimization) -> dict[str, Tensor]:
+        step = self.progress.step
+        matching_weight = self.lam if step >= self.anneal_steps else 0.0
+        variance_weight = self.variance_weight if step >= self.anneal_steps else 0.0
+        logits = self(batch.x)
+        masks = [batch.domain == d for d in torch.unique(batch.domain, sorted=True).tolist()]
+        losses = torch.stack([F.cross_entropy(logits[m], batch.y[m]) for m in masks])
+        per_sample = torch.squeeze(torch.cat(
+            [F.cross_entropy(logits[m], batch.y[m], reduction="none").unsqueeze(0) for m in masks], dim=0))
+        erm_loss = losses.mean()
+        worst = torch.flatten(per_sample[torch.argmax(torch.clone(losses))])
+        everyone = torch.flatten(per_sample)
+        x, y = worst.unsqueeze(1), everyone.unsqueeze(1)
+        matching = (gaussian_kernel(x, x, RDM_GAMMAS).mean() + gaussian_kernel(y, y, RDM_GAMMAS).mean()
+                    - 2 * gaussian_kernel(x, y, RDM_GAMMAS).mean())
+        variance = torch.var(everyone)
+        variance += torch.var(worst)
+        loss = erm_loss + matching_weight * matching + variance_weight * variance
+        if step == self.anneal_steps:
+            opt.reset_state(lr=self.lr_after_anneal)
+        opt.zero_grad()
+        opt.backward(loss)
+        opt.step()
+        return {"loss": loss.detach(), "nll": erm_loss.detach(), "matching": matching.detach(),
+                "variance": variance.detach()}
