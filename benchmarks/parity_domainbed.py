@@ -83,14 +83,20 @@ ALGORITHMS = {
                     "rdm_lr": 1e-4},
             {"lam": 5.0, "anneal_steps": 2, "variance_weight": 0.004, "lr_after_anneal": 1e-4}),
     "ADRMX": ("adrmx", {}, {"remix_within_class": False}),
+    "ERMPlusPlus": ("ermpp", {"linear_lr": 1e-3, "linear_steps": 1},
+                    {"linear_lr": 1e-3, "linear_steps": 1, "sma_start": 3}),
+    "TRM": ("trm", {"cos_lambda": 1e-2, "iters": 2, "groupdro_eta": 1e-2},
+            {"cos_lambda": 1e-2, "iters": 2, "groupdro_eta": 1e-2, "domainbed_quirks": True}),
     "CAD": ("cad", {"lmbda": 0.1, "temperature": 0.1, "is_normalized": False, "is_project": False,
                     "is_flipped": True}, {"lmbda": 0.1, "temperature": 0.1}),
     "CondCAD": ("condcad", {"lmbda": 0.1, "temperature": 0.1, "is_normalized": False, "is_project": False,
                             "is_flipped": True}, {"lmbda": 0.1, "temperature": 0.1}),
 }
 # The networks compared: all of dgkit's algorithm but Fish's scratch clone (DomainBed
-# rebuilds it every step instead).
-COMPARED = {"Fish": lambda algo: nn.Sequential(algo.featurizer, algo.classifier)}
+# rebuilds it every step instead) and TRM's per-domain classifiers (not among DomainBed's
+# modules; they start alike, see same_domain_classifiers, and act through the featurizer).
+COMPARED = {"Fish": lambda algo: nn.Sequential(algo.featurizer, algo.classifier),
+            "TRM": lambda algo: nn.Sequential(algo.featurizer, algo.classifier)}
 
 
 def import_domainbed(root: Path):
@@ -121,7 +127,7 @@ def minibatches(steps: int, batch_size: int) -> list[list[tuple[torch.Tensor, to
     return [[next(it) for it in iterators] for _ in range(steps)], data.task
 
 
-def backpack_without_inputs(reference) -> None:
+def backpack_without_inputs(reference, mine) -> None:
     """DomainBed's Fishr asks BackPACK for per-sample gradients with ``backward(inputs=
     [classifier parameters])``; with torch 2 the module hooks BackPACK relies on then never
     fire (no ``grad_batch``), so the same backward runs without ``inputs=`` (the extra
@@ -142,7 +148,7 @@ def backpack_without_inputs(reference) -> None:
     reference._get_grads = get_grads
 
 
-def cuda_as_cpu(reference) -> None:
+def cuda_as_cpu(reference, mine) -> None:
     """DomainBed's RDM puts a buffer on the GPU with ``.cuda()``; on a CPU-only machine that
     call becomes the identity for its update."""
     update = reference.update
@@ -154,7 +160,23 @@ def cuda_as_cpu(reference) -> None:
     reference.update = on_cpu
 
 
-PATCHES = {"Fishr": backpack_without_inputs, "RDM": cuda_as_cpu}
+def early_average(reference, mine) -> None:
+    """DomainBed's ERM++ starts its moving average at iteration 600, a constant; here at 3,
+    inside the window (dgkit's ``sma_start 3``)."""
+    reference.sma_start_iter = 3
+
+
+def same_domain_classifiers(reference, mine) -> None:
+    """DomainBed's TRM keeps its per-domain classifiers in a plain list (so they are not
+    among its modules, and one more than the domains); they start from dgkit's weights."""
+    with torch.no_grad():
+        for ours, theirs in zip(mine.domain_classifiers, reference.clist, strict=False):
+            theirs.load_state_dict(ours.state_dict())
+
+
+PATCHES = {"Fishr": backpack_without_inputs, "RDM": cuda_as_cpu, "ERMPlusPlus": early_average,
+           "TRM": same_domain_classifiers}
+BUILT_ON_GPU = {"TRM"}  # .cuda() in the constructor: made the identity to build on a CPU
 
 
 def max_difference(a: list[nn.Module], b: list[nn.Module]) -> float:
@@ -169,10 +191,14 @@ def run(name: str, algorithms, hparams_registry, batches, task, optimizer_name: 
     hparams = hparams_registry.default_hparams(name, "RotatedMNIST")
     hparams.update({"lr": 1e-3, "weight_decay": 0.0, "nonlinear_classifier": False,
                     "batch_size": len(batches[0][0][1]), **theirs})
-    with contextlib.redirect_stdout(io.StringIO()):  # URM announces itself on stdout
+    on_cpu = (mock.patch.object(torch.Tensor, "cuda", lambda t, *a, **k: t) if name in BUILT_ON_GPU
+              else contextlib.nullcontext())
+    on_cpu_modules = (mock.patch.object(nn.Module, "cuda", lambda m, *a, **k: m) if name in BUILT_ON_GPU
+                      else contextlib.nullcontext())
+    with contextlib.redirect_stdout(io.StringIO()), on_cpu, on_cpu_modules:  # URM prints on stdout
         reference = algorithms.get_algorithm_class(name)(task.input_shape, task.num_classes,
                                                           task.num_domains, hparams)
-    PATCHES.get(name, lambda reference: None)(reference)
+    PATCHES.get(name, lambda reference, mine: None)(reference, mine)
     compared = COMPARED.get(name, lambda algo: algo)(mine)
     # kinds only DomainBed builds are unused there (DANN's class embeddings)
     kinds = tuple(k for k in KINDS if layers(compared, (k,)))

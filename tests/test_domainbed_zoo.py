@@ -22,6 +22,7 @@ from dgkit import Backbone, Batch
 from dgkit.plugins import registry
 from dgkit_algorithms.adversarial import CDANN, DANN, URM, Transfer
 from dgkit_algorithms.alignment import CausIRL_CORAL, CausIRL_MMD, coral_distance, mmd_distance
+from dgkit_algorithms.averaging import ERMPlusPlus
 from dgkit_algorithms.context import ARM, MTL
 from dgkit_algorithms.contrastive import CAD, CondCAD, SelfReg
 from dgkit_algorithms.disentanglement import ADRMX, supcon_lambda
@@ -38,6 +39,7 @@ from dgkit_algorithms.meta_learning import MLDG, split_meta_train_test
 from dgkit_algorithms.regularization import RSC, SD
 from dgkit_algorithms.robust import EQRM, RDM, kde_quantile
 from dgkit_algorithms.style import SagNet, randomize
+from dgkit_algorithms.transfer_risk import TRM, hessian_inverse_product
 
 TASK = make_task(domains=("a", "b", "c"))
 IMAGES = make_task(input_shape=(2, 8, 8), domains=("a", "b", "c"))
@@ -462,6 +464,63 @@ def test_adrmx_turns_contrastive_loss_and_same_class_remix():
     assert len(pairs) == len(picked) > 0 and all(batch.y[a] == batch.y[b] for a, b in pairs)
 
 
+def test_ermpp_probes_linearly_then_fine_tunes_and_predicts_with_the_moving_average():
+    torch.manual_seed(0)
+    algo = ERMPlusPlus(TASK, Backbone("mlp"), linear_lr=1e-2, linear_steps=1, sma_start=3)
+    from dgkit.algorithm import Optimization
+    main = torch.optim.SGD(algo.parameter_groups(), lr=0.1)
+    optimizers = [main, *algo.extra_optimizers(lambda params, lr: torch.optim.SGD(params, lr=lr))]
+    weights, moved = [], []
+    for step in range(5):
+        algo.progress.step = step
+        before = _params(algo.featurizer)
+        algo.training_update(_batch(seed=step), Optimization.standalone(optimizers))
+        now = algo.featurizer.parameters()
+        moved.append(any(not torch.equal(a, b) for a, b in zip(before, now, strict=True)))
+        weights.append(_params(torch.nn.Sequential(algo.featurizer, algo.classifier)))
+        # the average: the weights until step sma_start - 2, then their mean from that step on
+        expected = (weights[-1] if step + 1 < 3
+                    else [torch.stack(w).mean(0) for w in zip(*weights[1:], strict=True)])
+        for a, e in zip(algo.average.parameters(), expected, strict=True):
+            torch.testing.assert_close(a, e)
+    assert moved == [False, False, True, True, True]  # steps 0-1: the classifier alone
+    x = _batch().x
+    torch.testing.assert_close(algo(x), algo.average.eval()(x))  # the average predicts
+
+
+def test_trm_neumann_series_and_transfer_phase():
+    torch.manual_seed(0)
+    linear, x, y = torch.nn.Linear(4, 3), torch.randn(32, 4), torch.randint(0, 3, (32,))
+
+    def loss_of(w):
+        return F.cross_entropy(x @ w.view(3, 4).T + linear.bias, y)
+
+    hessian = torch.autograd.functional.hessian(loss_of, linear.weight.detach().flatten())
+    v = torch.randn(12) * 0.1
+    expected, term = v.clone(), v.clone()
+    for _ in range(10):  # sum_k (I - H)^k v, k = 0..10
+        term = term - hessian @ term
+        expected = expected + term
+    torch.testing.assert_close(hessian_inverse_product(v, linear, x, y), expected, atol=1e-5, rtol=1e-4)
+    quirky = hessian_inverse_product(v, linear, x, y, first_term_twice=True)
+    # DomainBed's: the first iteration gives 2 (I - H) v instead of v + (I - H) v
+    torch.testing.assert_close(quirky, expected - v + (v - hessian @ v), atol=1e-5, rtol=1e-4)
+    algo = TRM(TASK, Backbone("mlp"), iters=1, inner_steps=3)
+    from dgkit.algorithm import Optimization
+    optimizers = [torch.optim.SGD(algo.parameter_groups(), lr=0.01), *algo.extra_optimizers(None)]
+    before = _params(algo.domain_classifiers)
+    out = algo.training_update(_batch(), Optimization.standalone(optimizers))  # step 0: ERM
+    torch.testing.assert_close(out["loss"], out["nll"])
+    assert all(torch.equal(a, b) for a, b in zip(before, algo.domain_classifiers.parameters(), strict=True))
+    algo.progress.step = 1
+    out = algo.training_update(_batch(seed=1), Optimization.standalone(optimizers))
+    assert out["loss"] != out["nll"]
+    now = algo.domain_classifiers.parameters()
+    assert not any(torch.equal(a, b) for a, b in zip(before, now, strict=True))
+    rows = algo.alpha.sum(1)
+    assert torch.all(algo.alpha.diagonal() == 0) and torch.all(rows > 1)  # normalised, then raised by exp
+
+
 # Every DomainBed algorithm in dgkit, with what it needs to act within a few steps.
 ZOO = {"irm": {"anneal_steps": 2}, "vrex": {"anneal_steps": 2}, "groupdro": {}, "mixup": {}, "coral": {},
        "mmd": {}, "mldg": {}, "fish": {}, "dann": {}, "cdann": {"grad_penalty": 0.1}, "mtl": {},
@@ -469,7 +528,11 @@ ZOO = {"irm": {"anneal_steps": 2}, "vrex": {"anneal_steps": 2}, "groupdro": {}, 
        "iga": {}, "ib_erm": {"ib_anneal_steps": 2}, "ib_irm": {"irm_anneal_steps": 1, "ib_anneal_steps": 2},
        "causirl_coral": {}, "causirl_mmd": {}, "eqrm": {"burnin_steps": 2}, "fishr": {"anneal_steps": 2},
        "selfreg": {}, "cad": {}, "condcad": {}, "urm": {}, "transfer": {"d_steps_per_g": 2},
-       "rdm": {"anneal_steps": 2}, "adrmx": {}}
+       "rdm": {"anneal_steps": 2}, "adrmx": {}, "ermpp": {"linear_steps": 1, "sma_start": 3},
+       "trm": {"iters": 2, "inner_steps": 3}}
+# Beyond DomainBed's: the sharpness family's two-pass steps, UDIM's double backward, MIRO.
+OTHERS = {"sam": {}, "asam": {}, "gsam": {}, "sagm": {}, "udim": {"warmup_steps": 2},
+          "miro": {"backbone": "mnist_cnn"}}
 SCRIPT = Path(__file__).parent / "scripts" / "ddp_algorithms.py"
 
 
@@ -478,14 +541,15 @@ def _spec(alias: str, hparams: dict) -> str:
 
 
 @pytest.mark.slow
-def test_every_domainbed_algorithm_trains_under_two_ddp_processes_whose_ranks_agree(tmp_path):
-    specs = [_spec(a, h) for a, h in ZOO.items()] + ["miro:backbone=mnist_cnn", "unsynced_algorithm.Unsynced"]
+def test_every_algorithm_of_a_training_step_trains_under_two_ddp_processes_whose_ranks_agree(tmp_path):
+    specs = ([_spec(a, h) for a, h in ZOO.items()] + [_spec(a, h) for a, h in OTHERS.items()]
+             + ["unsynced_algorithm.Unsynced"])
     done = subprocess.run([sys.executable, str(SCRIPT), *specs], cwd=tmp_path, capture_output=True,
                           text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     lines = [line for line in done.stdout.splitlines() if ": step " in line]
     assert [line.split(", test accuracy")[0] for line in lines[:-1]] == [
-        f"{alias}: step 4, ranks agree" for alias in [*ZOO, "miro"]], done.stdout
+        f"{alias}: step 4, ranks agree" for alias in [*ZOO, *OTHERS]], done.stdout
     assert all(0 <= float(line.rsplit(" ", 1)[1]) <= 1 for line in lines), lines
     assert lines[-1].startswith("unsynced_algorithm.Unsynced: step 4, ranks differ"), lines[-1]
 

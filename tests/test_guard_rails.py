@@ -111,7 +111,8 @@ NORMAL = {"erm": {}, "sam": {}, "asam": {}, "udim": {"warmup_steps": 10}, "itta"
           "ib_erm": {"ib_anneal_steps": 20}, "ib_irm": {"irm_anneal_steps": 20, "ib_anneal_steps": 20},
           "causirl_coral": {}, "causirl_mmd": {}, "eqrm": {"burnin_steps": 20}, "fishr": {"anneal_steps": 20},
           "selfreg": {}, "cad": {}, "condcad": {}, "urm": {}, "transfer": {}, "gsam": {}, "sagm": {},
-          "miro": {}, "rdm": {"anneal_steps": 20}, "adrmx": {}}
+          "miro": {}, "rdm": {"anneal_steps": 20}, "adrmx": {},
+          "ermpp": {"linear_steps": 10, "sma_start": 20}, "trm": {"iters": 20}}
 
 
 @pytest.mark.parametrize("alias", NORMAL)
@@ -126,7 +127,7 @@ def test_the_divergence_check_stays_quiet_on_every_algorithms_normal_run(alias):
     model = DGModule(algorithm=functools.partial(registry("algorithm").get(alias).obj, **NORMAL[alias]),
                      task=data.task, backbone="mnist_cnn" if alias in ("itta", "miro") else "mlp")
     ratio, check = LossRatio(), DivergenceCheck()
-    steps = 25 if alias in ("itta", "miro") else 40  # ITTA's step is eight ERM steps; both a CNN
+    steps = 12 if alias in ("itta", "miro") else 40  # ITTA's step is eight ERM steps; both a CNN
     trainer = Trainer(max_steps=steps, limit_val_batches=0, logger=False, enable_checkpointing=False,
                       enable_progress_bar=False, enable_model_summary=False, callbacks=[ratio, check])
     trainer.fit(model, datamodule=data)
