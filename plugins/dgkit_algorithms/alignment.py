@@ -91,24 +91,10 @@ class MMD(FeatureAlignment):
     distance = staticmethod(mmd_distance)
 
 
-class CausalInvariance(ERM):
+class CausalInvariance(FeatureAlignment):
     """Per-domain risk plus ``gamma`` times the distance between the features before and
     after a random cut point in each domain's minibatch, pooled over domains: invariance to
     the style that varies within a domain (the paper's causal mechanism)."""
-
-    distance: Callable[[Tensor, Tensor], Tensor]
-
-    @classmethod
-    def search_space(cls, dataset: str) -> list[Hyperparameter]:
-        return [hp("gamma", 1.0, lambda r: 10 ** r.uniform(-1, 1), "mmd_gamma")]
-
-    def __init__(self, task: Task, backbone: Backbone, gamma: float = 1.0):
-        """
-        Args:
-            gamma: weight of the distance between the two halves (DomainBed's ``mmd_gamma``).
-        """
-        super().__init__(task, backbone)
-        self.gamma = gamma
 
     def training_loss(self, batch: Batch) -> dict[str, Tensor]:
         domains = batch.per_domain()
