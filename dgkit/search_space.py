@@ -106,6 +106,8 @@ def setting(alias: str, algorithm: type, dataset: str, random_seed: int | None) 
 
 def cli_value(value: Any) -> str:
     """A value as ``dgkit fit`` reads it back exactly (floats by ``repr``)."""
+    if value is None:
+        return "null"
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, float):

@@ -39,16 +39,26 @@ class MLDG(ERM):
 
     @classmethod
     def search_space(cls, dataset: str) -> list[Hyperparameter]:
-        return [hp("beta", 1.0, lambda r: 10 ** r.uniform(-1, 1), "mldg_beta"),
-                hp("n_meta_test", 2, lambda r: r.choice([1, 2]))]
+        from dgkit.plugins import registry
 
-    def __init__(self, task: Task, backbone: Backbone, beta: float = 1.0, n_meta_test: int = 2):
+        known = dataset in registry("dataset")
+        domains = getattr(registry("dataset").get(dataset).obj, "domains", ()) if known else ()
+        most = max(1, len(domains) - 2) if domains else 2  # one domain held out, one left to meta-train
+        return [hp("beta", 1.0, lambda r: 10 ** r.uniform(-1, 1), "mldg_beta"),
+                # DomainBed's {1, 2}, capped below the source domains (2 of 2 would leave no
+                # meta-train domain, and DomainBed's MLDG would then never update)
+                hp("n_meta_test", min(2, most), lambda r: min(int(r.choice([1, 2])), most))]
+
+    def __init__(self, task: Task, backbone: Backbone, beta: float = 1.0, n_meta_test: int | None = None):
         """
         Args:
             beta: weight of the meta-test loss (``mldg_beta``).
-            n_meta_test: source domains held out as meta-test in each step (``n_meta_test``).
+            n_meta_test: source domains held out as meta-test in each step (``n_meta_test``;
+                None: DomainBed's 2, or 1 when there are only two source domains).
         """
         super().__init__(task, backbone)
+        if n_meta_test is None:
+            n_meta_test = min(2, max(1, task.num_domains - 1))
         check(1 <= n_meta_test < max(task.num_domains, 2), "model.algorithm.n_meta_test", f"{n_meta_test}",
               f"at least 1 and fewer than the {task.num_domains} source domains")
         self.beta, self.n_meta_test = beta, n_meta_test
