@@ -64,12 +64,12 @@ class Batch:
     #: unlabeled images of this step (``--data.unlabeled``), or None
     unlabeled: Tensor | None = None
 
+    def domain_masks(self) -> dict[int, Tensor]:
+        """``{domain index: boolean mask of its samples}``, for the domains in the batch, in order."""
+        return {d: self.domain == d for d in torch.unique(self.domain, sorted=True).tolist()}
+
     def per_domain(self) -> list[tuple[Tensor, Tensor]]:
-        out = []
-        for d in torch.unique(self.domain, sorted=True).tolist():
-            mask = self.domain == d
-            out.append((self.x[mask], self.y[mask]))
-        return out
+        return [(self.x[mask], self.y[mask]) for mask in self.domain_masks().values()]
 
     def __len__(self) -> int:
         return len(self.y)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import itertools
 import json
 import os
@@ -101,11 +102,16 @@ def plan(algorithms: list[str], test_domains: list[str], seeds: list[int],
         settings = random.Random(sweep_seed).sample(settings, min(random_count, len(settings)))
     runs = []
     for a, h, d, s in itertools.product(algorithms, settings, test_domains, seeds):
-        main = "all" if kfold else ""
-        runs += [Run(a, d, s, h, fold=f) for f in (("A", "B") if kfold else ())]
-        runs.append(Run(a, d, s, h, fold=main))
-        runs += [Run(a, d, s, h, fold=main, validate_on=v) for v in (lodo or []) if v != d]
+        runs += with_helper_runs(Run(a, d, s, h), kfold, lodo)
     return runs
+
+
+def with_helper_runs(run: Run, kfold: bool, lodo: list[str] | None) -> list[Run]:
+    """``run`` (as k-fold's ``fold-all`` run under ``kfold``) and the runs its selection
+    methods need: k-fold's ``fold-A`` and ``fold-B``, one per ``lodo`` domain held out too."""
+    main = dataclasses.replace(run, fold="all" if kfold else "")
+    return ([dataclasses.replace(run, fold=f) for f in (("A", "B") if kfold else ())] + [main]
+            + [dataclasses.replace(main, validate_on=v) for v in (lodo or []) if v != run.test_domain])
 
 
 def plan_protocol(algorithms: list[str], test_domains: list[str], n_hparams: int, n_trials: int,
@@ -120,11 +126,8 @@ def plan_protocol(algorithms: list[str], test_domains: list[str], n_hparams: int
     for a, d, h, t in itertools.product(algorithms, test_domains, range(n_hparams), range(n_trials)):
         values = setting(a, registry("algorithm").get(a).obj, dataset, None if h == 0 else seed_hash(h, t))
         hparams = {key: cli_value(v) for key, v in values.items()}
-        same = {"hparams_seed": h, "run_seed": seed_hash(dataset, a, d, h, t)}
-        main = "all" if kfold else ""
-        runs += [Run(a, d, t, hparams, fold=f, **same) for f in (("A", "B") if kfold else ())]
-        runs.append(Run(a, d, t, hparams, fold=main, **same))
-        runs += [Run(a, d, t, hparams, fold=main, validate_on=v, **same) for v in (lodo or []) if v != d]
+        run = Run(a, d, t, hparams, hparams_seed=h, run_seed=seed_hash(dataset, a, d, h, t))
+        runs += with_helper_runs(run, kfold, lodo)
     return runs
 
 

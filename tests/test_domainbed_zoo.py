@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from helpers import make_task, plain_optimization
 from test_domainbed_algorithms import _fit
 
-from dgkit import Backbone, Batch
+from dgkit import Backbone, Batch, Optimization
 from dgkit.plugins import registry
 from dgkit_algorithms.adversarial import CDANN, DANN, URM, Transfer
 from dgkit_algorithms.alignment import CausIRL_CORAL, CausIRL_MMD, coral_distance, mmd_distance
@@ -110,7 +110,6 @@ def test_dann_alternates_players_and_the_generator_follows_the_reversed_domain_g
     algo, batch = DANN(TASK, Backbone("mlp"), lam=2.0, d_steps_per_g=1, beta1=None), _batch()
     main = torch.optim.SGD(algo.parameter_groups(), lr=0.1)
     disc = torch.optim.SGD(algo.discriminator_parameters(), lr=0.1)
-    from dgkit.algorithm import Optimization
     generator = [*algo.featurizer.parameters(), *algo.classifier.parameters()]
     changed = []
     for step in range(4):
@@ -176,7 +175,6 @@ def test_sagnet_randomizes_style_or_content_and_each_player_learns_its_part():
     parts = [algo.featurizer, algo.classifier, algo.style_classifier]
     optimizers = [torch.optim.SGD(m.parameters(), lr=0.1) for m in parts]
     before = [_params(m) for m in parts]
-    from dgkit.algorithm import Optimization
     out = algo.training_update(batch, Optimization.standalone(optimizers))
     assert all(any(not torch.equal(a, b) for a, b in zip(old, m.parameters(), strict=True))
                for old, m in zip(before, parts, strict=True))
@@ -334,10 +332,10 @@ def test_fishr_per_sample_gradients_equal_autograd_and_the_penalty_matches_varia
                  for d in range(3)]
     mean = torch.stack(variances).mean(0)
     expected = sum((v - mean).pow(2).mean() for v in variances) / 3
-    torch.testing.assert_close(algo.penalty(features, logits, batch), expected)
+    torch.testing.assert_close(algo.variance_penalty(features, logits, batch), expected)
     same = Batch(batch.x[:8].repeat(3, 1, 1, 1), batch.y[:8].repeat(3), batch.domain)
     f = algo.featurizer(same.x)
-    assert algo.penalty(f, algo.classifier(f), same).item() < 1e-12  # identical domains: no penalty
+    assert algo.variance_penalty(f, algo.classifier(f), same).item() < 1e-12  # identical domains: no penalty
 
 
 def test_selfreg_pairs_only_samples_of_the_same_class():
@@ -369,7 +367,6 @@ def test_urm_trains_features_towards_uniform_noise_and_the_discriminator_against
     algo, batch = URM(TASK, Backbone("mlp"), adv_lambda=0.5), _batch()
     main = torch.optim.SGD(algo.parameter_groups(), lr=0.1)
     disc = torch.optim.SGD(algo.discriminator.parameters(), lr=0.1)
-    from dgkit.algorithm import Optimization
     feats = algo.features(batch.x)
     assert feats.abs().max() <= 1  # tanh: the noise's range [-1, 1)
     expected = F.cross_entropy(algo.classifier(feats), batch.y) + 0.5 * F.binary_cross_entropy_with_logits(
@@ -386,7 +383,6 @@ def test_transfer_adversary_ascends_the_domain_gap_inside_its_ball():
     algo, batch = Transfer(TASK, Backbone("mlp"), delta=0.05, d_steps_per_g=3, lr_d=1.0), _batch()
     risks = [F.cross_entropy(algo.adv_classifier(algo.featurizer(x)), y) for x, y in batch.per_domain()]
     torch.testing.assert_close(algo.loss_gap(batch), max(risks) - min(risks))
-    from dgkit.algorithm import Optimization
     optimizers = [torch.optim.SGD(algo.parameter_groups(), lr=0.01), *algo.extra_optimizers(None)]
     algo.training_update(batch, Optimization.standalone(optimizers))
     pairs = zip(algo.adv_classifier.parameters(), algo.classifier.parameters(), strict=True)
@@ -436,7 +432,6 @@ def test_adrmx_turns_contrastive_loss_and_same_class_remix():
     torch.testing.assert_close(supcon_lambda(features, labels, domains), expected / 5)
     torch.manual_seed(0)
     algo, batch = ADRMX(TASK, Backbone("mlp"), d_steps_per_g=2), _batch()
-    from dgkit.algorithm import Optimization
     optimizers = [torch.optim.Adam(algo.parameter_groups()), *algo.extra_optimizers(
         lambda groups: torch.optim.Adam(groups))]
     turns = []
@@ -467,7 +462,6 @@ def test_adrmx_turns_contrastive_loss_and_same_class_remix():
 def test_ermpp_probes_linearly_then_fine_tunes_and_predicts_with_the_moving_average():
     torch.manual_seed(0)
     algo = ERMPlusPlus(TASK, Backbone("mlp"), linear_lr=1e-2, linear_steps=1, sma_start=3)
-    from dgkit.algorithm import Optimization
     main = torch.optim.SGD(algo.parameter_groups(), lr=0.1)
     optimizers = [main, *algo.extra_optimizers(lambda params, lr: torch.optim.SGD(params, lr=lr))]
     weights, moved = [], []
@@ -506,7 +500,6 @@ def test_trm_neumann_series_and_transfer_phase():
     # DomainBed's: the first iteration gives 2 (I - H) v instead of v + (I - H) v
     torch.testing.assert_close(quirky, expected - v + (v - hessian @ v), atol=1e-5, rtol=1e-4)
     algo = TRM(TASK, Backbone("mlp"), iters=1, inner_steps=3)
-    from dgkit.algorithm import Optimization
     optimizers = [torch.optim.SGD(algo.parameter_groups(), lr=0.01), *algo.extra_optimizers(None)]
     before = _params(algo.domain_classifiers)
     out = algo.training_update(_batch(), Optimization.standalone(optimizers))  # step 0: ERM

@@ -27,6 +27,19 @@ def discriminator(n_inputs: int, n_outputs: int, width: int, depth: int, dropout
     return nn.Sequential(*layers, nn.Linear(width, n_outputs))
 
 
+def player_group(params, beta1: float | None, **settings) -> dict:
+    """A parameter group for one player of the game, with DomainBed's Adam betas
+    ``(beta1, 0.9)`` unless ``beta1`` is None (the configured optimizer's own)."""
+    group = {"params": list(params), **settings}
+    return group if beta1 is None else {**group, "betas": (beta1, 0.9)}
+
+
+def discriminator_turn(step: int, d_steps_per_g: int) -> bool:
+    """Whether step ``step`` (from 0) is the discriminator's: DomainBed counts updates from 1
+    and gives the generator every ``1 + d_steps_per_g``-th."""
+    return (step + 1) % (1 + d_steps_per_g) < d_steps_per_g
+
+
 class DomainAdversarial(Algorithm):
     """The shared two-player game; subclasses say whether the discriminator also sees the
     class (``conditional``) and weighs samples to balance the classes."""
@@ -75,7 +88,7 @@ class DomainAdversarial(Algorithm):
         check(d_steps_per_g >= 0, "model.algorithm.d_steps_per_g", f"{d_steps_per_g} is negative", ">= 0")
         check(mlp_depth >= 2, "model.algorithm.mlp_depth", f"{mlp_depth}", ">= 2")
         self.lam, self.d_steps_per_g, self.grad_penalty = lam, d_steps_per_g, grad_penalty
-        self.betas = None if beta1 is None else (beta1, 0.9)
+        self.beta1 = beta1
         self.lr_d, self.weight_decay_d = lr_d, weight_decay_d
         self.differentiates_twice = grad_penalty > 0
         self.featurizer = self.build_featurizer()
@@ -88,11 +101,8 @@ class DomainAdversarial(Algorithm):
     def forward(self, x: Tensor) -> Tensor:
         return self.classifier(self.featurizer(x))
 
-    def _with_betas(self, group: dict) -> dict:
-        return group if self.betas is None else {**group, "betas": self.betas}
-
     def parameter_groups(self) -> list[dict]:  # the generator: featurizer and classifier
-        return [self._with_betas({"params": [*self.featurizer.parameters(), *self.classifier.parameters()]})]
+        return [player_group([*self.featurizer.parameters(), *self.classifier.parameters()], self.beta1)]
 
     def discriminator_parameters(self) -> list[nn.Parameter]:
         embeddings = list(self.class_embeddings.parameters()) if self.conditional else []
@@ -102,7 +112,7 @@ class DomainAdversarial(Algorithm):
         overrides = {"weight_decay": self.weight_decay_d}
         if self.lr_d is not None:
             overrides["lr"] = self.lr_d
-        return [make([self._with_betas({"params": self.discriminator_parameters(), **overrides})])]
+        return [make([player_group(self.discriminator_parameters(), self.beta1, **overrides)])]
 
     def discriminator_loss(self, z: Tensor, batch: Batch) -> Tensor:
         disc_input = z + self.class_embeddings(batch.y) if self.conditional else z
@@ -123,7 +133,7 @@ class DomainAdversarial(Algorithm):
         disc_opt = opt.optimizers[1]
         z = self.featurizer(batch.x)
         disc_loss = self.discriminator_loss(z, batch)
-        if (self.progress.step + 1) % (1 + self.d_steps_per_g) < self.d_steps_per_g:
+        if discriminator_turn(self.progress.step, self.d_steps_per_g):
             opt.zero_grad(disc_opt)  # the discriminator's turn: only its parameters learn
             opt.backward(disc_loss, inputs=self.discriminator_parameters())
             opt.step(disc_opt)

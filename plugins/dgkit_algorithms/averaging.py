@@ -44,7 +44,6 @@ class ERMPlusPlus(ERM):
         self.linear_lr, self.linear_steps = linear_lr, linear_steps
         self.sma_start, self.refresh_bn = sma_start, refresh_bn
         self.average = copy.deepcopy(nn.Sequential(self.featurizer, self.classifier)).requires_grad_(False)
-        self.register_buffer("averaged", torch.zeros((), dtype=torch.long))  # weights in the average
 
     def forward(self, x: Tensor) -> Tensor:
         self.average.eval()
@@ -60,8 +59,7 @@ class ERMPlusPlus(ERM):
     def update_average(self) -> None:
         current = nn.Sequential(self.featurizer, self.classifier).state_dict()
         if self.progress.step + 1 >= self.sma_start:
-            self.averaged += 1
-            n = float(self.averaged)
+            n = float(self.progress.step + 2 - self.sma_start)  # weights averaged so far, this one aside
             new = {k: (v.detach().clone() * n + current[k].detach().clone()) / (1.0 + n)
                    for k, v in self.average.state_dict().items() if "num_batches_tracked" not in k}
         else:

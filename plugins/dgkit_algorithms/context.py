@@ -57,8 +57,7 @@ class MTL(Algorithm):
 
     def training_loss(self, batch: Batch) -> Tensor:
         loss = 0
-        for d in torch.unique(batch.domain, sorted=True).tolist():
-            mask = batch.domain == d
+        for d, mask in batch.domain_masks().items():
             loss = loss + F.cross_entropy(self.predict(batch.x[mask], d), batch.y[mask])
         return loss
 

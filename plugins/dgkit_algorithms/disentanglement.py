@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from dgkit import Algorithm, Backbone, Batch, Optimization, Task, check, register
 from dgkit.search_space import SMALL_IMAGES, Hyperparameter, hp
-from dgkit_algorithms.adversarial import discriminator
+from dgkit_algorithms.adversarial import discriminator, discriminator_turn, player_group
 
 
 def nonlinear_classifier(n_inputs: int, n_outputs: int) -> nn.Sequential:
@@ -98,7 +98,7 @@ class ADRMX(Algorithm):
         self.cnt_lambda, self.dclf_lambda, self.disc_lambda = cnt_lambda, dclf_lambda, disc_lambda
         self.rmxd_lambda, self.d_steps_per_g = rmxd_lambda, d_steps_per_g
         self.remix_within_class = remix_within_class
-        self.betas = None if beta1 is None else (beta1, 0.9)
+        self.beta1 = beta1
         self.featurizer = self.build_featurizer()  # the label featurizer: what predicts
         self.featurizer_domain = self.build_featurizer()
         n = self.featurizer.n_outputs
@@ -110,16 +110,13 @@ class ADRMX(Algorithm):
     def forward(self, x: Tensor) -> Tensor:
         return self.classifier(self.featurizer(x))
 
-    def _group(self, params: list[nn.Parameter]) -> dict:
-        return {"params": params} if self.betas is None else {"params": params, "betas": self.betas}
-
     def parameter_groups(self) -> list[dict]:
         parts = (self.featurizer, self.featurizer_domain, self.classifier, self.classifier_final,
                  self.classifier_domain)
-        return [self._group([p for m in parts for p in m.parameters()])]
+        return [player_group([p for m in parts for p in m.parameters()], self.beta1)]
 
     def extra_optimizers(self, make) -> list[torch.optim.Optimizer]:
-        return [make([self._group(list(self.discriminator.parameters()))])]
+        return [make([player_group(self.discriminator.parameters(), self.beta1)])]
 
     def remix_loss(self, combined: Tensor, domain: Tensor, y: Tensor) -> Tensor:
         loss = 0
@@ -138,7 +135,7 @@ class ADRMX(Algorithm):
         combined = feat_label - feat_domain
         disc_loss = F.cross_entropy(self.discriminator(combined), batch.domain)
         disc_opt = opt.optimizers[1]
-        if (self.progress.step + 1) % (1 + self.d_steps_per_g) < self.d_steps_per_g:
+        if discriminator_turn(self.progress.step, self.d_steps_per_g):
             opt.zero_grad(disc_opt)
             opt.backward(disc_loss, inputs=list(self.discriminator.parameters()))
             opt.step(disc_opt)

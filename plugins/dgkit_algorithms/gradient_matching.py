@@ -17,6 +17,7 @@ from dgkit import Backbone, Batch, Optimization, Task, check, register
 from dgkit.distributed import average_in_place
 from dgkit.search_space import Hyperparameter, hp
 from dgkit_algorithms.erm import ERM
+from dgkit_algorithms.invariance import AnnealedPenalty
 
 
 @register("fish")
@@ -189,13 +190,13 @@ def per_sample_classifier_gradients(features: Tensor, logits: Tensor, y: Tensor)
 
 
 @register("fishr")
-class Fishr(ERM):
+class Fishr(AnnealedPenalty):
     """Fishr: ERM plus the distance between each domain's variance of the per-sample
     classifier gradients and their mean over domains. The variances are moving averages
     (``ema``, corrected by ``1 / (1 - ema)``); the penalty weight switches from 0 to ``lam``
     at ``anneal_steps``, and the optimizer restarts there."""
 
-    manual_optimization = True
+    weight_before = 0.0
 
     @classmethod
     def search_space(cls, dataset: str) -> list[Hyperparameter]:
@@ -211,43 +212,36 @@ class Fishr(ERM):
             anneal_steps: steps without the penalty first (``penalty_anneal_iters``).
             ema: weight of the past in the variances' moving averages (``ema``).
         """
-        super().__init__(task, backbone)
+        super().__init__(task, backbone, lam, anneal_steps)
         check(isinstance(self.classifier, nn.Linear), "model.algorithm", "Fishr needs a linear classifier",
               "the default classifier")
         check(0 <= ema < 1, "model.algorithm.ema", f"{ema}", "in [0, 1)")
-        self.lam, self.anneal_steps, self.ema = lam, anneal_steps, ema
+        self.ema = ema
         n = self.featurizer.n_outputs * task.num_classes
         self.register_buffer("weight_variance", torch.zeros(task.num_domains, n))
         self.register_buffer("bias_variance", torch.zeros(task.num_domains, task.num_classes))
 
-    def penalty(self, features: Tensor, logits: Tensor, batch: Batch) -> Tensor:
+    def variance_penalty(self, features: Tensor, logits: Tensor, batch: Batch) -> Tensor:
+        """The domains' distance from their mean variance of the per-sample gradients; updates
+        the moving averages."""
         grads = per_sample_classifier_gradients(features, logits, batch.y)
-        domains = torch.unique(batch.domain, sorted=True).tolist()
+        masks = batch.domain_masks()
         variances = {name: [] for name in grads}
         for name, g in grads.items():
             past = getattr(self, f"{name}_variance")
-            for d in domains:
-                env = g[batch.domain == d]
+            for d, mask in masks.items():
+                env = g[mask]
                 variance = (env - env.mean(dim=0, keepdim=True)).pow(2).mean(dim=0)
                 averaged = self.ema * past[d] + (1 - self.ema) * variance
                 past[d] = averaged.detach()
                 variances[name].append(averaged / (1 - self.ema))
         mean = {name: torch.stack(v).mean(dim=0) for name, v in variances.items()}
-        flat = [torch.cat([variances[name][i] for name in sorted(grads)]) for i in range(len(domains))]
+        flat = [torch.cat([variances[name][i] for name in sorted(grads)]) for i in range(len(masks))]
         mean_flat = torch.cat([mean[name] for name in sorted(grads)])
-        return sum((f - mean_flat).pow(2).mean() for f in flat) / len(domains)
+        return sum((f - mean_flat).pow(2).mean() for f in flat) / len(masks)
 
-    def training_update(self, batch: Batch, opt: Optimization) -> dict[str, Tensor]:
+    def penalty(self, batch: Batch) -> tuple[Tensor, Tensor]:
         features = self.featurizer(batch.x)
         logits = self.classifier(features)
-        penalty = self.penalty(features, logits, batch)
-        nll = F.cross_entropy(logits, batch.y)
-        step = self.progress.step
-        weight = self.lam if step >= self.anneal_steps else 0.0
-        if step == self.anneal_steps != 0:
-            opt.reset_state()
-        loss = nll + weight * penalty
-        opt.zero_grad()
-        opt.backward(loss)
-        opt.step()
-        return {"loss": loss.detach(), "nll": nll.detach(), "penalty": penalty.detach()}
+        penalty = self.variance_penalty(features, logits, batch)
+        return F.cross_entropy(logits, batch.y), penalty

@@ -1,7 +1,8 @@
-"""Invariance penalties across the source domains: IRM (Arjovsky et al., 2019) and V-REx
-(Krueger et al., ICML 2021), as DomainBed implements them: the penalty weight is 1 for the
-first ``anneal_steps`` steps, then ``lam``, and the optimizer's state is reset at that step
-(Adam "doesn't like the sharp jump in gradient magnitudes", DomainBed's note)."""
+"""Invariance penalties across the source domains: IRM (Arjovsky et al., 2019), V-REx
+(Krueger et al., ICML 2021), IB-ERM and IB-IRM (Ahuja et al., NeurIPS 2021), as DomainBed
+implements them: each penalty's weight switches at its annealing step, and the optimizer's
+state is reset there (Adam "doesn't like the sharp jump in gradient magnitudes", DomainBed's
+note). :class:`AnnealedPenalties` is the mechanism; Fishr and RDM use it too."""
 
 from __future__ import annotations
 
@@ -23,10 +24,40 @@ def irm_penalty(logits: Tensor, y: Tensor) -> Tensor:
     return g1 * g2
 
 
-class AnnealedPenalty(ERM):
-    """ERM plus ``weight * penalty``; the weight jumps from 1 to ``lam`` at ``anneal_steps``."""
+class AnnealedPenalties(ERM):
+    """The risk plus penalties whose weights switch at their own annealing steps; at every
+    switch the optimizer restarts (at ``restart_lr``, if set), as DomainBed's penalty methods
+    do. Subclasses give the risk and the penalties."""
 
-    manual_optimization = True  # to reset the optimizer's state where the weight jumps
+    manual_optimization = True  # to reset the optimizer's state where a weight jumps
+    #: the learning rate from a restart on (None: unchanged)
+    restart_lr: float | None = None
+
+    def annealed_terms(self, batch: Batch) -> tuple[Tensor, dict[str, tuple[Tensor, float, float, int]]]:
+        """The risk, and ``name -> (penalty, weight before, weight after, annealing step)``
+        in the loss's order."""
+        raise NotImplementedError
+
+    def training_update(self, batch: Batch, opt: Optimization) -> dict[str, Tensor]:
+        step = self.progress.step
+        risk, terms = self.annealed_terms(batch)
+        loss = risk
+        for penalty, before, after, anneal in terms.values():
+            loss = loss + (after if step >= anneal else before) * penalty
+        if any(step == anneal for *_, anneal in terms.values()):
+            opt.reset_state(lr=self.restart_lr)
+        opt.zero_grad()
+        opt.backward(loss)
+        opt.step()
+        return {"loss": loss.detach(), "nll": risk.detach(), **{k: v[0].detach() for k, v in terms.items()}}
+
+
+class AnnealedPenalty(AnnealedPenalties):
+    """The risk plus ``weight * penalty``; the weight jumps from ``weight_before`` to ``lam``
+    at ``anneal_steps``."""
+
+    #: the penalty's weight before annealing (IRM, V-REx: 1; Fishr: 0)
+    weight_before = 1.0
 
     def __init__(self, task: Task, backbone: Backbone, lam: float, anneal_steps: int):
         super().__init__(task, backbone)
@@ -37,24 +68,16 @@ class AnnealedPenalty(ERM):
     def domain_risks(self, batch: Batch) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
         """Logits, labels and cross-entropy of every source domain (one forward pass)."""
         logits = self(batch.x)
-        parts = [(logits[batch.domain == d], batch.y[batch.domain == d])
-                 for d in torch.unique(batch.domain, sorted=True).tolist()]
+        parts = [(logits[m], batch.y[m]) for m in batch.domain_masks().values()]
         return [p[0] for p in parts], [p[1] for p in parts], [F.cross_entropy(lg, y) for lg, y in parts]
 
     def penalty(self, batch: Batch) -> tuple[Tensor, Tensor]:
+        """The risk and the penalty."""
         raise NotImplementedError
 
-    def training_update(self, batch: Batch, opt: Optimization) -> dict[str, Tensor]:
-        step = self.progress.step
-        weight = self.lam if step >= self.anneal_steps else 1.0
+    def annealed_terms(self, batch: Batch) -> tuple[Tensor, dict[str, tuple[Tensor, float, float, int]]]:
         risk, penalty = self.penalty(batch)
-        if step == self.anneal_steps:
-            opt.reset_state()
-        loss = risk + weight * penalty
-        opt.zero_grad()
-        opt.backward(loss)
-        opt.step()
-        return {"loss": loss.detach(), "nll": risk.detach(), "penalty": penalty.detach()}
+        return risk, {"penalty": (penalty, self.weight_before, self.lam, self.anneal_steps)}
 
 
 @register("irm")
@@ -107,41 +130,27 @@ class VREx(AnnealedPenalty):
         return mean, (risks - mean).pow(2).mean()
 
 
-class InformationBottleneck(ERM):
-    """Per-domain risk plus penalties whose weights switch at their own annealing steps; the
-    optimizer restarts at each switch. Its penalty: the features' variance in each domain,
-    averaged (the information bottleneck of Ahuja et al., NeurIPS 2021)."""
-
-    manual_optimization = True
+class InformationBottleneck(AnnealedPenalties):
+    """Per-domain risk plus the features' variance in each domain, averaged (the information
+    bottleneck of Ahuja et al., NeurIPS 2021), weighed 0 until its annealing step."""
 
     def __init__(self, task: Task, backbone: Backbone, ib_lambda: float, ib_anneal_steps: int):
         super().__init__(task, backbone)
         check(ib_lambda >= 0, "model.algorithm.ib_lambda", f"{ib_lambda} is negative", ">= 0")
         self.ib_lambda, self.ib_anneal_steps = ib_lambda, ib_anneal_steps
 
-    def penalties(self, features: Tensor, logits: Tensor, batch: Batch
+    def penalties(self, features: Tensor, logits: Tensor, y: Tensor, masks: list[Tensor]
                   ) -> dict[str, tuple[Tensor, float, float, int]]:
-        """``name -> (penalty, weight before, weight after, annealing step)``, in the loss's order."""
-        masks = [batch.domain == d for d in torch.unique(batch.domain, sorted=True).tolist()]
+        """The penalties, as :meth:`AnnealedPenalties.annealed_terms` gives them."""
         ib = sum(features[m].var(dim=0).mean() for m in masks) / len(masks)
         return {"ib_penalty": (ib, 0.0, self.ib_lambda, self.ib_anneal_steps)}
 
-    def training_update(self, batch: Batch, opt: Optimization) -> dict[str, Tensor]:
-        step = self.progress.step
+    def annealed_terms(self, batch: Batch) -> tuple[Tensor, dict[str, tuple[Tensor, float, float, int]]]:
         features = self.featurizer(batch.x)
         logits = self.classifier(features)
-        masks = [batch.domain == d for d in torch.unique(batch.domain, sorted=True).tolist()]
+        masks = list(batch.domain_masks().values())
         nll = sum(F.cross_entropy(logits[m], batch.y[m]) for m in masks) / len(masks)
-        terms = self.penalties(features, logits, batch)
-        loss = nll
-        for penalty, before, after, anneal in terms.values():
-            loss = loss + (after if step >= anneal else before) * penalty
-        if any(step == anneal for *_, anneal in terms.values()):
-            opt.reset_state()
-        opt.zero_grad()
-        opt.backward(loss)
-        opt.step()
-        return {"loss": loss.detach(), "nll": nll.detach(), **{k: v[0].detach() for k, v in terms.items()}}
+        return nll, self.penalties(features, logits, batch.y, masks)
 
 
 @register("ib_erm")
@@ -187,9 +196,8 @@ class IB_IRM(InformationBottleneck):
         super().__init__(task, backbone, ib_lambda, ib_anneal_steps)
         self.irm_lambda, self.irm_anneal_steps = irm_lambda, irm_anneal_steps
 
-    def penalties(self, features: Tensor, logits: Tensor, batch: Batch
+    def penalties(self, features: Tensor, logits: Tensor, y: Tensor, masks: list[Tensor]
                   ) -> dict[str, tuple[Tensor, float, float, int]]:
-        masks = [batch.domain == d for d in torch.unique(batch.domain, sorted=True).tolist()]
-        irm = sum(irm_penalty(logits[m], batch.y[m]) for m in masks) / len(masks)
+        irm = sum(irm_penalty(logits[m], y[m]) for m in masks) / len(masks)
         return {"irm_penalty": (irm, 1.0, self.irm_lambda, self.irm_anneal_steps),
-                **super().penalties(features, logits, batch)}
+                **super().penalties(features, logits, y, masks)}

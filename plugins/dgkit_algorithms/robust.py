@@ -17,6 +17,7 @@ from dgkit.distributed import mean_over_ranks
 from dgkit.search_space import SMALL_IMAGES, Hyperparameter, hp
 from dgkit_algorithms.alignment import gaussian_kernel
 from dgkit_algorithms.erm import ERM
+from dgkit_algorithms.invariance import AnnealedPenalties
 
 
 @register("groupdro")
@@ -118,14 +119,12 @@ RDM_GAMMAS = (0.0001, 0.001, 0.01, 0.1, 1, 10, 100, 1000)  # DomainBed's RDM ker
 
 
 @register("rdm")
-class RDM(ERM):
+class RDM(AnnealedPenalties):
     """Risk Distribution Matching (Nguyen et al., WACV 2024): after ``anneal_steps`` of ERM,
     also match the distribution of per-sample losses of the worst domain to that of all
     domains (MMD over the losses, ``lam``), and penalize both distributions' variances
     (``variance_weight``). The optimizer restarts at the switch with ``lr_after_anneal``.
     Every domain's minibatch must have the same size (DomainBed stacks them)."""
-
-    manual_optimization = True
 
     @classmethod
     def search_space(cls, dataset: str) -> list[Hyperparameter]:
@@ -158,14 +157,11 @@ class RDM(ERM):
         """
         super().__init__(task, backbone)
         self.lam, self.anneal_steps = lam, anneal_steps
-        self.variance_weight, self.lr_after_anneal = variance_weight, lr_after_anneal
+        self.variance_weight, self.restart_lr = variance_weight, lr_after_anneal
 
-    def training_update(self, batch: Batch, opt: Optimization) -> dict[str, Tensor]:
-        step = self.progress.step
-        matching_weight = self.lam if step >= self.anneal_steps else 0.0
-        variance_weight = self.variance_weight if step >= self.anneal_steps else 0.0
+    def annealed_terms(self, batch: Batch) -> tuple[Tensor, dict[str, tuple[Tensor, float, float, int]]]:
         logits = self(batch.x)
-        masks = [batch.domain == d for d in torch.unique(batch.domain, sorted=True).tolist()]
+        masks = list(batch.domain_masks().values())
         losses = torch.stack([F.cross_entropy(logits[m], batch.y[m]) for m in masks])
         per_sample = torch.squeeze(torch.cat(
             [F.cross_entropy(logits[m], batch.y[m], reduction="none").unsqueeze(0) for m in masks], dim=0))
@@ -177,11 +173,5 @@ class RDM(ERM):
                     - 2 * gaussian_kernel(x, y, RDM_GAMMAS).mean())
         variance = torch.var(everyone)
         variance += torch.var(worst)
-        loss = erm_loss + matching_weight * matching + variance_weight * variance
-        if step == self.anneal_steps:
-            opt.reset_state(lr=self.lr_after_anneal)
-        opt.zero_grad()
-        opt.backward(loss)
-        opt.step()
-        return {"loss": loss.detach(), "nll": erm_loss.detach(), "matching": matching.detach(),
-                "variance": variance.detach()}
+        return erm_loss, {"matching": (matching, 0.0, self.lam, self.anneal_steps),
+                          "variance": (variance, 0.0, self.variance_weight, self.anneal_steps)}

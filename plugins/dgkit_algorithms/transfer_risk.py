@@ -119,7 +119,7 @@ class TRM(ERM):
         loss = F.cross_entropy(self.classifier(features), batch.y)
         total = loss
         if transfer:
-            masks = [batch.domain == d for d in torch.unique(batch.domain, sorted=True).tolist()]
+            masks = list(batch.domain_masks().values())
             total = loss + self.transfer_loss([features[m] for m in masks], [batch.y[m] for m in masks], opt)
         opt.zero_grad()
         opt.backward(total, inputs=self.parameter_groups())
