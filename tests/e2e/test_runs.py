@@ -86,3 +86,35 @@ def test_sweep_over_every_domain(tmp_path):
     result = dgkit("sweep", "--dir", "s", "--algos", "erm", "--test-domains", "all", "--slurm", cwd=tmp_path)
     assert result.code == 0, result.text[-3000:]
     assert "6 runs; submit with: sbatch" in result.out  # Rotated MNIST's six domains
+
+
+def test_domainbeds_random_search_through_the_command(tmp_path):
+    """``--random 2 --trials 2``: the defaults and one draw per trial, DomainBed's values for
+    DomainBed's seeds, each in its folder, and the report over the trials."""
+    import json
+
+    from dgkit.plugins import registry
+    from dgkit.search_space import cli_value, seed_hash, setting
+
+    result = dgkit("sweep", "--dir", "s", "--algos", "irm", "--test-domains", "75", "--random", "2",
+                   "--trials", "2", "--", "--model.backbone=mlp", "--trainer.max_steps=2",
+                   "--data.track_test=true", *QUIET, cwd=tmp_path)
+    assert result.code == 0, result.text[-3000:]
+    folders = [f"irm/75/hp{h}/trial{t}" for h in (0, 1) for t in (0, 1)]
+    assert [line.split(": ")[0].split("] ")[1] for line in result.err.splitlines()
+            if line.startswith("[")] == folders
+    irm = registry("algorithm").get("irm").obj
+    for h, t in ((0, 0), (1, 0), (1, 1)):
+        run = json.loads((tmp_path / "s" / f"irm/75/hp{h}/trial{t}" / "run.json").read_text())
+        drawn = setting("irm", irm, "rotated_mnist", None if h == 0 else seed_hash(h, t))
+        assert run["hparams"] == {k: cli_value(v) for k, v in drawn.items()}
+    report = dgkit("report", "s", cwd=tmp_path)
+    assert report.code == 0 and "| IRM |" in report.out, report.text[-3000:]
+
+
+def test_mldg_trains_on_two_source_domains_by_default(tmp_path):
+    """Colored MNIST leaves two source domains: MLDG meta-tests on one of them."""
+    result = dgkit("fit", "--algo", "mldg", "--data", "colored_mnist", *SHORT, *QUIET, cwd=tmp_path)
+    assert result.code == 0, result.text[-3000:]
+    config = (tmp_path / "runs" / "version_0" / "config.yaml").read_text()
+    assert "n_meta_test: null" in config and result.out.count("held-out domains:") == 1
