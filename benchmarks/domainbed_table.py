@@ -67,6 +67,8 @@ def main() -> None:
     parser.add_argument("--backbone", default="mlp")
     parser.add_argument("--jobs", type=int, default=2, help="sweeps side by side")
     args = parser.parse_args()
+    if args.jobs < 1:
+        parser.error("--jobs must be at least 1")
     from dgkit.plugins import registry
 
     algos = args.algos or sorted(e.alias for e in registry("algorithm") if e.alias not in ("divdis", "dbat"))
@@ -79,11 +81,9 @@ def main() -> None:
                   "--trainer.val_check_interval", str(max(1, args.steps // 5)),
                   "--trainer.check_val_every_n_epoch", "null", "--data.track_test", "true",
                   "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
-        groups = [(share, args.backbone) for share in
-                  (algos[j::args.jobs] for j in range(args.jobs)) if share]
+        plain = [a for a in algos if a not in STAGED]
+        groups = [(plain[j::args.jobs], args.backbone) for j in range(args.jobs)]
         groups += [([a], STAGED[a]) for a in algos if a in STAGED]
-        groups = [([a for a in share if a not in STAGED or backbone == STAGED[a]], backbone)
-                  for share, backbone in groups]
         env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // args.jobs))}
         pending = []
         for j, (share, backbone) in enumerate(g for g in groups if g[0]):
