@@ -19,7 +19,9 @@ ALIAS_FLAGS = {  # flag -> (registry kind, LightningCLI key it rewrites to)
     "--model.algorithm": ("algorithm", "--model.algorithm"),
     "--model.algorithm.base": ("algorithm", "--model.algorithm.base"),
     "--data.dataset": ("dataset", "--data.dataset"),
+    "--model.averaging": ("averaging", "--model.averaging"),
 }
+NONE = {"none", "null"}  # --model.averaging none: no averaging
 _ALIAS_LIKE = re.compile(r"^[A-Za-z][\w\-]*$")
 
 
@@ -35,6 +37,10 @@ def rewrite_aliases(argv: Sequence[str]) -> list[str]:
             has_value = bool(inline) or i + 1 < len(argv)
             value = inline if inline else (argv[i + 1] if i + 1 < len(argv) else "")
             consumed = 1 if inline else 2
+            if has_value and kind == "averaging" and value.lower() in NONE:
+                out.append(f"{target}=null")
+                i += consumed
+                continue
             if has_value and _is_alias(flag, value):
                 out.append(f"{target}={registry(kind).get(value).target}")
                 i += consumed

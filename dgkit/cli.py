@@ -106,7 +106,17 @@ class DGCLI(LightningCLI):
         sub = self.config.get("subcommand")
         chosen = self.config[sub].model.algorithm if sub else None
         explicit = chosen is not None and any(a.startswith("--model.algorithm") for a in self._argv)
+        averaging = self.config[sub].model.get("averaging") if sub else None
+        asks_averaging = any(a.startswith("--model.averaging") for a in self._argv)
         super()._parse_ckpt_path()
+        if asks_averaging:
+            written = self.config[sub].model.get("averaging")
+            names = [_class_of(a.class_path) if a else "none" for a in (written, averaging)]
+            if names[0] != names[1]:
+                written_name = names[0].rpartition(".")[2]
+                raise ConfigError("model.averaging", f"{self.config[sub].ckpt_path} was trained with "
+                                  f"averaging {written_name}, which a resumed or evaluated run keeps",
+                                  "drop --model.averaging, or start a new run without --ckpt_path")
         if explicit:
             written = _class_of(self.config[sub].model.algorithm.class_path)
             wanted = _class_of(chosen.class_path)

@@ -15,23 +15,27 @@ from dgkit.plugins import registry
 from dgkit.task import Task
 
 UNADAPTED = "test_unadapted"  # the same model without its test-time stage
-
+LAST = "test_last"  # the last iterate of a run whose tested model is an average
+COMPANIONS = (UNADAPTED, LAST)  # streams that test another model on the test images
 
 class StreamMetrics(nn.Module):
     """One ``MetricCollection`` per evaluation stream, by stage, as the task names them:
     by default ``val`` (source out-splits: training-domain validation), ``oracle`` (target
     out-splits: test-domain oracle), ``test`` (target in-splits); ``crafted``/``heldout`` or a
     benchmark's official splits when the data adds them; ``test_unadapted`` for models with
-    a test-time stage. A benchmark's own evaluator (``task.evaluator``) runs beside them; an
-    algorithm with several heads gets each head's accuracy too."""
+    a test-time stage; ``test_last`` for runs that average weights. A benchmark's own
+    evaluator (``task.evaluator``) runs beside them; an algorithm with several heads gets
+    each head's accuracy too."""
 
     def __init__(self, task: Task, names: Iterable[str] = ("accuracy",), num_heads: int = 1,
-                 unadapted: bool = False):
+                 unadapted: bool = False, last: bool = False):
         super().__init__()
         factories = {name: registry("metric").get(name).obj for name in names}
         self.streams = dict(task.stages)
         if unadapted:
             self.streams[UNADAPTED] = self.streams["test"]
+        if last:
+            self.streams[LAST] = self.streams["test"]
 
         def collection() -> MetricCollection:
             metrics = {n: f(task) for n, f in factories.items()}
@@ -44,7 +48,7 @@ class StreamMetrics(nn.Module):
         self.heads = nn.ModuleDict({
             stage: nn.ModuleList(MetricCollection({f"accuracy_head{h}": accuracy_metric(task)
                                                    for h in range(num_heads)}) for _ in names_)
-            for stage, names_ in self.streams.items() if stage != UNADAPTED
+            for stage, names_ in self.streams.items() if stage not in COMPANIONS
         }) if num_heads > 1 else None
         self._updated: set[tuple[str, int]] = set()
 

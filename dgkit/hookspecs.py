@@ -35,6 +35,11 @@ def dgkit_datasets() -> Mapping[str, type[MultiDomainDataset]]:
 
 
 @hookspec
+def dgkit_averaging() -> Mapping[str, type]:
+    """Return ``{alias: dgkit.averaging.Averaging subclass}`` for ``--model.averaging``."""
+
+
+@hookspec
 def dgkit_metrics() -> Mapping[str, Callable[[Task], Metric]]:
     """Return ``{name: factory}``; a factory builds a fresh torchmetrics Metric for a task.
 

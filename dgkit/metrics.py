@@ -25,6 +25,30 @@ def macro_f1(task: Task) -> Metric:
     return MulticlassF1Score(num_classes=task.num_classes, average="macro")
 
 
+class CrossEntropy(Metric):
+    """The mean cross-entropy of the logits over a stream (SWAD's validation loss)."""
+
+    full_state_update = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_state("total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, preds: Tensor, target: Tensor) -> None:
+        loss = torch.nn.functional.cross_entropy(preds.float(), target, reduction="sum")
+        self.total += loss.double()
+        self.count += target.numel()
+
+    def compute(self) -> Tensor:
+        return (self.total / self.count).float()
+
+
+@register("cross_entropy")
+def cross_entropy(task: Task) -> Metric:
+    return CrossEntropy()
+
+
 @hookimpl
 def dgkit_metrics():
     return registered_in(__name__)

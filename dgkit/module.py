@@ -23,8 +23,9 @@ from torch import Tensor, nn
 
 from dgkit.adaptation import TestTimeAdaptation, TestTimeStage
 from dgkit.algorithm import Algorithm, Batch, Optimization
+from dgkit.averaging import Averaging
 from dgkit.errors import ConfigError, DGKitError
-from dgkit.evaluation import UNADAPTED, StreamMetrics
+from dgkit.evaluation import LAST, UNADAPTED, StreamMetrics
 from dgkit.explain import algorithm_mismatch
 from dgkit.heads import HeadSelection
 from dgkit.networks import Backbone, speed_up
@@ -36,6 +37,7 @@ from dgkit.stages import Stages
 from dgkit.task import Task
 
 AlgorithmFactory = Callable[[Task, Backbone], Algorithm]
+AveragingFactory = Callable[[], Averaging]
 
 
 class DGModule(LightningModule):
@@ -59,6 +61,7 @@ class DGModule(LightningModule):
         freeze_featurizer: bool = False,
         channels_last: bool = False,
         compile: bool = False,
+        averaging: AveragingFactory | None = None,
     ):
         """
         Args:
@@ -98,6 +101,9 @@ class DGModule(LightningModule):
             compile: compile every featurizer with ``torch.compile`` (the first steps are
                 slow while it compiles; not for algorithms that differentiate twice
                 through the featurizer: UDIM, ITTA).
+            averaging: average the weights while training (``ema``, ``sma``, ``swad``; their
+                own settings are ``--model.averaging.<name>``): the average is validated,
+                checkpointed and tested, the last iterate tested beside it (``test_last``).
         """
         super().__init__()
         self.save_hyperparameters()
@@ -129,8 +135,11 @@ class DGModule(LightningModule):
         speed_up(self.algorithm, channels_last, compile)
         # Lightning's model summary measures FLOPs (and sizes) on it.
         self.example_input_array = torch.zeros(1, *self.task.input_shape)
-        self.metrics = StreamMetrics(self.task, metrics or ["accuracy"], self.algorithm.num_heads,
-                                     unadapted=self.algorithm.adapts_at_test)
+        self.averaging = averaging() if averaging is not None else None
+        metrics = list(metrics or ["accuracy"])
+        metrics += [m for m in (self.averaging.needs_metrics if self.averaging else ()) if m not in metrics]
+        self.metrics = StreamMetrics(self.task, metrics, self.algorithm.num_heads,
+                                     unadapted=self.algorithm.adapts_at_test, last=self.averaging is not None)
         #: the open test-time stage while one runs (set by TestTimeAdaptation)
         self.test_time: TestTimeStage | None = None
         # Made once: Lightning asks configure_callbacks again for every fit/test call, and
@@ -140,6 +149,8 @@ class DGModule(LightningModule):
             self.components.append(TestTimeAdaptation(self.algorithm, adaptation, adapt_validation, tta_grid))
         if init_from is not None:
             self.components.append(InitFrom(init_from, freeze_featurizer))
+        if self.averaging is not None:
+            self.components.append(self.averaging)
 
     def configure_callbacks(self) -> list[Callback]:
         # Asked again by every trainer.fit/test: the components already attached stay.
@@ -247,9 +258,18 @@ class DGModule(LightningModule):
             self.log(f"train/{key}", value.detach() if torch.is_tensor(value) else value,
                      batch_size=len(b))
         if not self.automatic_optimization:
+            self._averaging_update(self.global_step - 1)  # the batch's steps are counted
             self._step_schedulers("step")
             return None
         return loss
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        self._averaging_update(self.global_step)  # Lightning counts this step after the hook
+
+    def _averaging_update(self, step: int) -> None:
+        if self.averaging is not None and self.averaging.average is not None:
+            self.averaging.update(self.algorithm, step)
 
     def on_train_epoch_end(self) -> None:
         self._step_schedulers("epoch")
@@ -268,6 +288,9 @@ class DGModule(LightningModule):
             logits = self.test_time.predict((stage, index), x)
         else:
             logits = self.algorithm(x)
+        last = self.averaging.last_model if self.averaging is not None else None
+        if stage == "test" and last is not None:
+            self.metrics.update(LAST, index, last(x), y, **extra)
         heads = self.algorithm.head_logits(x) if self.metrics.tracks_heads else None
         self.metrics.update(stage, index, logits, y, heads=heads, **extra)
 
@@ -306,7 +329,7 @@ class DGModule(LightningModule):
                 {k: float(v) for k, v in logged.items() if k.startswith("val/")})
 
     def on_test_epoch_end(self) -> None:
-        self._log_metrics(("test", UNADAPTED))
+        self._log_metrics(("test", UNADAPTED, LAST))
 
     def _log_metrics(self, stages: tuple[str, ...]) -> dict[str, Tensor]:
         logged = self.metrics.compute(stages)

@@ -61,7 +61,8 @@ def registered_in(*modules: types.ModuleType | str) -> dict[str, Any]:
                     found[alias] = obj
     return found
 
-KINDS = {"algorithm": "dgkit_algorithms", "dataset": "dgkit_datasets", "metric": "dgkit_metrics"}
+KINDS = {"algorithm": "dgkit_algorithms", "dataset": "dgkit_datasets", "metric": "dgkit_metrics",
+         "averaging": "dgkit_averaging"}
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,11 @@ def test_after_fit(trainer: Trainer, model: DGModule, datamodule: LightningDataM
     if any(getattr(c, "requeued", False) for c in trainer.callbacks):
         return  # stopped for a Slurm requeue: the requeued job finishes and tests
     best = trainer.checkpoint_callback
+    own = [c.test_checkpoint for c in trainer.callbacks if getattr(c, "test_checkpoint", None)]
+    if own:  # a component that ends with its own model (SWAD's average) tests it
+        trainer.test(model, datamodule=datamodule, ckpt_path=own[0], verbose=False)
+        report(trainer, model, ckpt_path=own[0], seed=seed, selection="the averaged model")
+        return
     ckpt = "best" if best is not None and best.best_model_path else None
     trainer.test(model, datamodule=datamodule, ckpt_path=ckpt, verbose=False)
     extra = {"selection": f"best {best.monitor} ({best.mode})"} if best is not None and best.monitor else {}

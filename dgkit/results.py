@@ -11,10 +11,11 @@ from rich.console import Console
 from rich.table import Table
 
 from dgkit.atomic import write_atomically
-from dgkit.evaluation import UNADAPTED
+from dgkit.evaluation import LAST, UNADAPTED
 from dgkit.task import Task
 
 RESULTS_FILE = "test_results.json"
+COMPANION_NAMES = {UNADAPTED: "no adaptation", LAST: "last iterate"}
 
 
 class ResultsContributor:
@@ -32,10 +33,11 @@ def collect_results(metrics: Mapping[str, Any], task: Task, **info: Any) -> dict
     average: dict[str, float] = {}
     for key, value in metrics.items():
         parts = key.split("/")
-        if parts[0] not in ("test", UNADAPTED) or len(parts) < 2:
+        if parts[0] not in ("test", *COMPANION_NAMES) or len(parts) < 2:
             continue
-        # The same model without its test-time stage, beside the adapted result.
-        name = parts[1] if parts[0] == "test" else f"{parts[1]} (no adaptation)"
+        # Another model on the same images, beside the tested one: without its test-time
+        # stage, or the last iterate of an averaged run.
+        name = parts[1] if parts[0] == "test" else f"{parts[1]} ({COMPANION_NAMES[parts[0]]})"
         if len(parts) == 2:
             average[name] = float(value)
         else:
@@ -50,6 +52,8 @@ def collect_results(metrics: Mapping[str, Any], task: Task, **info: Any) -> dict
 def _cell(metric: str, value: float) -> str:
     if metric.startswith("count"):  # sample counts (WILDS' count_*), not fractions
         return f"{value:g}"
+    if metric.startswith("cross_entropy"):  # a loss, not a fraction
+        return f"{value:.4f}"
     return f"{100 * value:.2f}"
 
 
@@ -57,7 +61,7 @@ def print_results(results: dict, console: Console | None = None) -> None:
     everything = sorted({m for values in results["domains"].values() for m in values})
     headline = results.get("headline_metrics") or []
     shown = [m for m in everything if not headline or m in headline
-             or m.removesuffix(" (no adaptation)") in headline]
+             or m.split(" (")[0] in headline]
     console = console or Console()
     console.print(f"[bold]{results.get('algorithm', '')}[/bold] on {results['dataset']}, trained "
                   f"on {', '.join(results['source_domains'])}; held-out domains:")
@@ -93,6 +97,9 @@ def print_results(results: dict, console: Console | None = None) -> None:
     if init:
         console.print(f"initialized from {init['checkpoint']}"
                       + (" (featurizer frozen)" if init["frozen"] else ""))
+    averaging = results.get("averaging")
+    if averaging:
+        console.print(f"averaged weights: {averaging['averaged']}")
     selection = results.get("head_selection")
     if selection:
         console.print(f"head {selection['selected_head']} chosen by {selection['by']} "
