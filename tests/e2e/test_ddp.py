@@ -67,6 +67,23 @@ def test_every_algorithm_fits_and_tests_on_two_processes(alias, tmp_path):
         assert kept == ["stage-member-0.ckpt", "stage-member-1.ckpt"], kept
 
 
+@pytest.mark.parametrize("method", [["sma", "--model.averaging.start=3"], ["swad"]], ids=["sma", "swad"])
+def test_averaging_on_two_processes_ends_as_on_one(method, tmp_path):
+    """Every rank holds the same average: the two-process run averages the same steps (SWAD:
+    the same valley, from validation losses reduced across ranks) as one process does."""
+    args = [*EQUAL, "--trainer.max_steps=16", "--trainer.val_check_interval=2", "--model.averaging", *method]
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    one = dgkit(*args, "--data.batch_size=16", cwd=tmp_path / "one")
+    _table_once(one)
+    two = dgkit(*args, *DDP, "--trainer.devices=2", "--data.batch_size=8", cwd=tmp_path / "two")
+    _table_once(two)
+    a, b = results(tmp_path / "one" / "runs" / "version_0"), results(tmp_path / "two" / "runs" / "version_0")
+    assert a["averaging"] == b["averaging"], (a["averaging"], b["averaging"])
+    for metric in ("accuracy", "accuracy (last iterate)"):
+        assert abs(a["domains"]["75"][metric] - b["domains"]["75"][metric]) < 0.005, (metric, a, b)
+
+
 def test_a_fit_whose_ranks_trained_different_models_says_so(tmp_path):
     """An algorithm that sets gradients by hand and never averages them: the run finishes,
     and the command names the problem and the fix."""

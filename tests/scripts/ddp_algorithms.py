@@ -16,6 +16,7 @@ import functools
 import importlib
 import sys
 
+import torch.distributed as dist
 from lightning import Trainer, seed_everything
 
 from dgkit.data import DomainDataModule
@@ -62,6 +63,11 @@ def main() -> None:
         if trainer.global_rank == 0:
             verdict = "ranks agree" if found is None else f"ranks differ ({found[0]:.1e} in {found[1]})"
             print(f"{alias}: step {trainer.global_step}, {verdict}, test accuracy {accuracy:.3f}", flush=True)
+    # Left to interpreter exit, gloo's threads can be torn down mid-flight on a loaded machine
+    # ("terminate called without an active exception", SIGABRT): the pair exits cleanly instead.
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
