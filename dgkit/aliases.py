@@ -86,4 +86,5 @@ def _is_alias(flag: str, value: str) -> bool:
     # A bare word that is no alias: --data.dataset also accepts class names (RotatedMNIST).
     if value[:1].isupper():
         return False
-    raise UnknownAliasError(kind, value, registry(kind).entries)
+    known = [*registry(kind).entries, *(["none"] if kind == "averaging" else [])]
+    raise UnknownAliasError(kind, value, known)

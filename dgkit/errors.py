@@ -31,6 +31,9 @@ class ConfigError(DGKitError, ValueError):
         return ConfigError(nested + self.parameter[len(section):], self.problem, self.allowed)
 
 
+PLURALS = {"averaging": "averaging methods"}
+
+
 class UnknownAliasError(DGKitError, KeyError):
     """An --algo/--data/metric alias that no plugin registered."""
 
@@ -40,7 +43,7 @@ class UnknownAliasError(DGKitError, KeyError):
         close = difflib.get_close_matches(alias.lower(), known, n=1, cutoff=0.5)
         hint = f" Did you mean {close[0]!r}?" if close else ""
         listing = ", ".join(known) if known else "none registered"
-        super().__init__(f"unknown {kind} {alias!r}.{hint} Known {kind}s: {listing}.")
+        super().__init__(f"unknown {kind} {alias!r}.{hint} Known {PLURALS.get(kind, kind + 's')}: {listing}.")
 
     def __str__(self) -> str:  # KeyError would quote the message
         return self.args[0]

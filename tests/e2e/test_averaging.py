@@ -84,7 +84,7 @@ def test_bad_averaging_settings_are_refused_in_one_line(tmp_path):
     unknown = dgkit(*SHORT, "--model.averaging", "median", cwd=tmp_path)
     assert unknown.code == 2
     line = unknown.error_line()
-    assert "'median'" in line and "ema, sma, swad" in line
+    assert "'median'" in line and "Known averaging methods: ema, none, sma, swad." in line
     decay = dgkit(*SHORT, "--model.averaging", "ema", "--model.averaging.decay", "1.5", cwd=tmp_path)
     assert decay.code == 2 and "model.averaging.decay" in decay.error_line()
     # A run trained without averaging cannot resume with it: its average was never kept
@@ -96,3 +96,29 @@ def test_bad_averaging_settings_are_refused_in_one_line(tmp_path):
     resumed = dgkit(*SHORT, "--trainer.max_steps=20", "--model.averaging", "sma", "--ckpt_path", str(ckpt),
                     cwd=tmp_path / "plain")
     assert resumed.code == 2 and "trained with averaging none" in resumed.error_line()
+
+
+COMPOSED = {"sam": [], "udim": ["--model.algorithm.warmup_steps=20"], "coral": [], "drm": [], "adanpc": []}
+OWN_STREAMS = {"drm": {f"accuracy_head{i}" for i in range(6)}, "adanpc": {"accuracy (no adaptation)"}}
+
+
+@pytest.mark.parametrize("alias", COMPOSED)
+def test_swad_composes_with_two_pass_steps_penalties_heads_and_test_time_memories(alias, tmp_path):
+    """SWAD over SAM's and UDIM's two-pass steps, CORAL's penalty, DRM's heads and AdaNPC's
+    memory: the valley's average is tested with the algorithm's own streams beside it (AdaNPC's
+    memory embedded by the averaged featurizer; testing swad.ckpt again gives the same result)."""
+    result = dgkit("fit", "--algo", alias, *COMPOSED[alias], "--model.backbone=mlp", "--trainer.max_steps=60",
+                   "--trainer.val_check_interval=4", "--model.averaging", "swad",
+                   "--model.averaging.n_converge=1", "--model.averaging.n_tolerance=3", *QUIET, cwd=tmp_path)
+    assert result.code == 0, result.text[-3000:]
+    found = results(tmp_path / "runs" / "version_0")
+    assert found["ckpt_path"].endswith("checkpoints/swad.ckpt")
+    assert re.fullmatch(r"steps \d+-59 \(N=1[56]\)", found["averaging"]["averaged"]), found["averaging"]
+    scores = found["domains"]["75"]
+    assert {"accuracy", "accuracy (last iterate)", *OWN_STREAMS.get(alias, ())} <= set(scores), scores
+    if alias == "adanpc":
+        again = dgkit("test", "--ckpt_path", str(tmp_path / found["ckpt_path"]), *QUIET, cwd=tmp_path)
+        assert again.code == 0, again.text[-3000:]
+        tested = results(next((tmp_path / "runs" / "version_0").glob("test-*")))["domains"]["75"]
+        assert tested["accuracy"] == scores["accuracy"]
+        assert tested["accuracy (no adaptation)"] == scores["accuracy (no adaptation)"]
