@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from lightning import Callback, LightningModule, Trainer
 from torch import Tensor, nn
-from torch.optim.swa_utils import AveragedModel
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from dgkit.errors import ConfigError
 from dgkit.heads import data_module_method
@@ -115,8 +115,9 @@ class Averaging(Callback, ResultsContributor):
         self.tested: str | None = None  # what the tested checkpoint's average spans
 
     # --- what a method defines ---------------------------------------------------------
-    def avg_fn(self) -> Callable[[Tensor, Tensor, Tensor], Tensor] | None:
-        """The ``AveragedModel`` update (None: the running mean)."""
+    def multi_avg_fn(self) -> Callable[[list[Tensor], list[Tensor], Tensor], None] | None:
+        """The ``AveragedModel`` update over all parameters at once (None: the running mean,
+        torch's foreach kernels either way rather than a Python loop over parameters)."""
         return None
 
     def update(self, algorithm: nn.Module, step: int) -> None:
@@ -141,7 +142,8 @@ class Averaging(Callback, ResultsContributor):
     # --- training ----------------------------------------------------------------------
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage == "fit" and self.average is None:
-            self.average = AveragedModel(pl_module.algorithm, avg_fn=self.avg_fn(), use_buffers=False)
+            self.average = AveragedModel(pl_module.algorithm, multi_avg_fn=self.multi_avg_fn(),
+                                         use_buffers=False)
             self.average.requires_grad_(False)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -263,10 +265,14 @@ class EMA(Averaging):
         super().__init__(recompute_bn)
         self.decay, self.warmup = decay, warmup
 
-    def avg_fn(self) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
-        def ema(averaged: Tensor, current: Tensor, n: Tensor) -> Tensor:
-            d = min(self.decay, (1.0 + float(n)) / (10.0 + float(n))) if self.warmup else self.decay
-            return averaged * d + current * (1.0 - d)
+    def multi_avg_fn(self) -> Callable[[list[Tensor], list[Tensor], Tensor], None]:
+        fixed = get_ema_multi_avg_fn(self.decay)
+
+        def ema(averaged: list[Tensor], current: list[Tensor], n: Tensor) -> None:
+            if not self.warmup:
+                return fixed(averaged, current, n)
+            count = int(n)  # read once per update, not once per parameter
+            get_ema_multi_avg_fn(min(self.decay, (1.0 + count) / (10.0 + count)))(averaged, current, n)
         return ema
 
 
