@@ -64,6 +64,8 @@ def timed(update, times: list[float]):
     """``update`` that appends its own wall time to ``times``: averaging's cost read directly,
     not as the difference of two noisy step medians."""
     def wrapper(*a, **k):
+        if torch.cuda.is_available():  # the step's queued kernels are not the update's
+            torch.cuda.synchronize()
         start = time.perf_counter()
         update(*a, **k)
         if torch.cuda.is_available():

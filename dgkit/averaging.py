@@ -266,14 +266,13 @@ class EMA(Averaging):
         self.decay, self.warmup = decay, warmup
 
     def multi_avg_fn(self) -> Callable[[list[Tensor], list[Tensor], Tensor], None]:
-        fixed = get_ema_multi_avg_fn(self.decay)
+        if not self.warmup:
+            return get_ema_multi_avg_fn(self.decay)
 
-        def ema(averaged: list[Tensor], current: list[Tensor], n: Tensor) -> None:
-            if not self.warmup:
-                return fixed(averaged, current, n)
+        def ramped(averaged: list[Tensor], current: list[Tensor], n: Tensor) -> None:
             count = int(n)  # read once per update, not once per parameter
             get_ema_multi_avg_fn(min(self.decay, (1.0 + count) / (10.0 + count)))(averaged, current, n)
-        return ema
+        return ramped
 
 
 @register("sma")

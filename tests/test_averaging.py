@@ -62,6 +62,16 @@ def test_ema_follows_its_decay_with_the_warm_up_ramp():
     torch.testing.assert_close(ema.average.module.weight, average)
 
 
+def test_ema_without_the_ramp_keeps_its_decay_from_the_first_update():
+    model = nn.Linear(3, 2)
+    ema = EMA(decay=0.9, warmup=False)
+    seen = _run(ema, model, 30)
+    average = seen[0]["weight"].clone()
+    for w in seen[1:]:
+        average = 0.9 * average + 0.1 * w["weight"]
+    torch.testing.assert_close(ema.average.module.weight, average)
+
+
 def test_batchnorm_statistics_are_those_of_the_data_and_draw_no_random_numbers():
     model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Dropout(0.5), nn.Linear(4, 2))
     x = torch.randn(64, 4) * 3 + 1
