@@ -6,7 +6,7 @@
 
 The defaults fit 2 CPU cores in a few hours: DomainBed's default hyperparameters only
 (``--random 1``: setting 0 of its search), 2 trials, 300 steps, DomainBed's MLP featurizer
-instead of its MNIST CNN (MIRO, which needs a backbone with stages, gets the MNIST CNN),
+instead of its MNIST CNN (MIRO and ITTA, which read a backbone's stages, get the MNIST CNN),
 every held-out domain; ``--jobs J`` runs J sweeps side by side, each on its share of the
 algorithms with one CPU thread per run. DomainBed's own runs: 20 random settings,
 3 trials, 5,000 steps, the MNIST CNN, on all 70,000 MNIST digits; the embedded data sets
@@ -25,12 +25,13 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 DATASETS = {"rotated_mnist": "RotatedMNIST", "colored_mnist": "ColoredMNIST"}
 RESULTS = "domainbed/results/2020_10_06_7df6f06/results.tex"
-#: algorithms whose regularizer reads the backbone's stages (the MLP has none)
-STAGED = {"miro": "mnist_cnn"}
+#: algorithms that read the backbone's stages (the MLP has none)
+STAGED = {"miro": "mnist_cnn", "itta": "mnist_cnn"}
 
 
 def published(domainbed: Path) -> dict[str, dict[str, str]]:
@@ -56,6 +57,24 @@ def ours(folder: Path) -> dict[str, str]:
     return out
 
 
+def run_all(queue: list[tuple[Path, list[str], str]], jobs: int, env: dict[str, str]) -> None:
+    """Runs the sweeps ``jobs`` at a time, starting the next one as soon as any finishes (a
+    slow sweep, such as MIRO's, does not hold up the others)."""
+    running: list[tuple[subprocess.Popen, object]] = []
+    queue = list(queue)
+    while queue or running:
+        while queue and len(running) < jobs:
+            folder, argv, name = queue.pop(0)
+            log = (folder / name).open("a")  # every run's table and progress
+            running.append((subprocess.Popen(argv, stdout=log, stderr=log, env=env), log))
+        time.sleep(1)
+        for process, log in [r for r in running if r[0].poll() is not None]:
+            log.close()
+            running.remove((process, log))
+            if process.returncode:
+                print(f"sweep failed ({process.returncode}): {' '.join(process.args)}", file=sys.stderr)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dir", required=True, type=Path)
@@ -72,7 +91,8 @@ def main() -> None:
     from dgkit.plugins import registry
 
     algos = args.algos or sorted(e.alias for e in registry("algorithm") if e.alias not in ("divdis", "dbat"))
-    tables = {}
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // args.jobs))}
+    queue = []  # (folder, argv, log name) of every sweep, both data sets in one queue
     for dataset in DATASETS:
         folder = args.dir / dataset
         folder.mkdir(parents=True, exist_ok=True)
@@ -84,17 +104,14 @@ def main() -> None:
         plain = [a for a in algos if a not in STAGED]
         groups = [(plain[j::args.jobs], args.backbone) for j in range(args.jobs)]
         groups += [([a], STAGED[a]) for a in algos if a in STAGED]
-        env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // args.jobs))}
-        pending = []
         for j, (share, backbone) in enumerate(g for g in groups if g[0]):
-            log = (folder / f"sweep-{j}.log").open("a")  # every run's table and progress
             argv = ["dgkit", "sweep", "--dir", str(folder), "--algos", *share, *common,
                     "--model.backbone", backbone]
-            pending.append(subprocess.Popen(argv, stdout=log, stderr=log, env=env))
-            if len(pending) >= args.jobs:
-                pending.pop(0).wait()
-        for process in pending:
-            process.wait()
+            queue.append((folder, argv, f"sweep-{j}.log"))
+    run_all(queue, args.jobs, env)
+    tables = {}
+    for dataset in DATASETS:
+        folder = args.dir / dataset
         subprocess.run(["dgkit", "report", str(folder)], check=True, stdout=subprocess.DEVNULL)
         tables[dataset] = ours(folder)
     reference = published(args.domainbed) if args.domainbed else {}
@@ -107,7 +124,7 @@ def main() -> None:
             cells += [tables[dataset].get(alias, "—"), reference.get(db_name, {}).get(name, "—")]
         print(f"| {name} | " + " | ".join(cells) + " |")
     print(f"\n{args.random} setting(s) x {args.trials} trial(s), {args.steps} steps, {args.backbone}, "
-          "5,000 embedded digits (MIRO: mnist_cnn); DomainBed: 20 x 3, 5,000 steps, MNIST CNN, "
+          "5,000 embedded digits (MIRO, ITTA: mnist_cnn); DomainBed: 20 x 3, 5,000 steps, MNIST CNN, "
           "70,000 digits", file=sys.stderr)
 
 
