@@ -57,7 +57,8 @@ from dgkit.task import DEFAULT_SELECTION
 DEFAULT_ALGORITHM = "erm"
 DEFAULT_DATASET = "rotated_mnist"
 # Subcommands outside LightningCLI: name -> module with main(argv).
-TOOLS = {"data": "dgkit.data.download", "sweep": "dgkit.sweep", "report": "dgkit.report"}
+TOOLS = {"data": "dgkit.data.download", "sweep": "dgkit.sweep", "report": "dgkit.report",
+         "ensemble": "dgkit.ensemble"}
 
 TRAINER_DEFAULTS = {"default_root_dir": DEFAULT_ROOT, "max_epochs": 15, "log_every_n_steps": 10}
 # Loggers and callbacks are parser defaults (not trainer_defaults) so a config can change them.

@@ -214,6 +214,9 @@ def display_name(alias: str) -> str:
     """An algorithm as papers name it (its class: ``SAM``, ``AdaNPC``), not its alias."""
     from dgkit.plugins import registry
 
+    base, plus, method = alias.partition(" + ")  # an ensemble's row: "erm + EoA of 6"
+    if plus:
+        return f"{display_name(base)} + {method}"
     try:
         return registry("algorithm").get(alias).obj.__name__
     except DGKitError:
@@ -320,6 +323,11 @@ def report(directory: str | Path, out: str | Path | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     records = load_runs(directory)
     results = tables(records)
+    from dgkit.ensemble import ensemble_rows
+
+    ensembles = ensemble_rows(directory)
+    if ensembles and "training-domain validation" in results:  # members were picked by it
+        results["training-domain validation"]["rows"].update(ensembles)
     if not results:
         raise DGKitError(f"the runs under {directory} logged no held-out accuracy during validation; "
                          "sweep with --data.track_test true so any selection can be read off")

@@ -87,7 +87,12 @@ def print_results(results: dict, console: Console | None = None) -> None:
     console.print(table)
     if len(shown) < len(everything):
         console.print(f"{len(everything) - len(shown)} more metrics per split in {RESULTS_FILE}")
-    console.print(f"checkpoint: {results.get('ckpt_path') or '(weights at the end of training)'}")
+    ensemble = results.get("ensemble")
+    if ensemble:
+        of = f" (of {ensemble['candidates']})" if ensemble["size"] != ensemble["candidates"] else ""
+        console.print(f"{ensemble['method']} of {ensemble['size']} run(s){of}")
+    else:
+        console.print(f"checkpoint: {results.get('ckpt_path') or '(weights at the end of training)'}")
     if results.get("transductive"):
         console.print("[bold]transductive[/bold]: training saw unlabeled images of the held-out domains")
     for stage in results.get("stages", []):

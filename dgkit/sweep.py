@@ -166,6 +166,45 @@ def execute(run: Run, root: Path, extra: list[str]) -> str:
     return "done" if finished(directory) else "failed: no test results"
 
 
+def init_checkpoints(directory: Path) -> dict[tuple[str, int], Path]:
+    """``--init-from DIR``: ``(held-out domain, data split) -> the tested checkpoint`` of
+    DIR's finished runs, one per domain and split (a shared start is one model)."""
+    from dgkit.ensemble import find_members
+
+    out: dict[tuple[str, int], Path] = {}
+    for (_, domain, split), members in find_members(directory).items():
+        if (domain, split) in out or len(members) > 1:
+            raise DGKitError(f"--init-from {directory}: several finished runs held out {domain} "
+                             f"(split {split}); a shared start is one run per held-out domain "
+                             "(sweep it with one algorithm, setting and seed)")
+        out[(domain, split)] = members[0].checkpoint.resolve()
+    return out
+
+
+def init_argument(run: Run, starts: dict[tuple[str, int], Path], extra: list[str]) -> list[str]:
+    """``--model.init_from`` of the start that held out ``run``'s domain, on its data split
+    (the only one of that domain when the start was trained on one split)."""
+    split = run.seed if run.hparams_seed is not None else int(_option(extra, "--data.split_seed") or 0)
+    path = starts.get((run.test_domain, split))
+    if path is None:
+        same_domain = [p for (d, _), p in starts.items() if d == run.test_domain]
+        if len(same_domain) != 1:
+            raise DGKitError(f"--init-from: no finished run there held out {run.test_domain} "
+                             f"(split {split}); run that sweep with --test-domains {run.test_domain} first")
+        path = same_domain[0]
+    return ["--model.init_from", str(path)]
+
+
+def _option(extra: list[str], flag: str) -> str | None:
+    value = None
+    for i, arg in enumerate(extra):
+        if arg == flag and i + 1 < len(extra):
+            value = extra[i + 1]
+        elif arg.startswith(flag + "="):
+            value = arg.split("=", 1)[1]
+    return value
+
+
 def slurm_script(root: Path, argv: list[str], runs: int, options: list[str]) -> Path:
     lines = ["#!/bin/bash", f"#SBATCH --array=0-{runs - 1}", "#SBATCH --requeue",
              "#SBATCH --signal=SIGUSR1@90", f"#SBATCH --output={root}/slurm-%A_%a.out",
@@ -192,13 +231,7 @@ def dataset_alias(extra: list[str]) -> str:
     """The data set the runs use (``--data ALIAS``; Rotated MNIST by default)."""
     from dgkit.cli import DEFAULT_DATASET
 
-    alias = DEFAULT_DATASET
-    for i, arg in enumerate(extra):
-        if arg == "--data" and i + 1 < len(extra):
-            alias = extra[i + 1]
-        elif arg.startswith("--data="):
-            alias = arg.split("=", 1)[1]
-    return alias
+    return _option(extra, "--data") or DEFAULT_DATASET
 
 
 def all_domains(extra: list[str]) -> list[str]:
@@ -233,6 +266,9 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--lodo", nargs="*", metavar="DOMAIN",
                         help="leave-one-domain-out selection over these training domains "
                         "(no names: the other --test-domains)")
+    parser.add_argument("--init-from", metavar="DIR",
+                        help="start every run from the run of sweep DIR that held out the same "
+                        "domain (--model.init_from its tested checkpoint): a shared start, as DiWA's")
     parser.add_argument("--index", type=int, help="run only this combination (Slurm array task)")
     parser.add_argument("--slurm", action="store_true",
                         help="write DIR/sweep.sbatch (a job array) instead of running")
@@ -263,9 +299,10 @@ def main(argv: list[str]) -> None:
         print(f"{len(runs)} runs; submit with: sbatch {path}")
         return
     chosen = runs if args.index is None else [runs[args.index]]
+    starts = init_checkpoints(Path(args.init_from)) if args.init_from else None
     failures = 0
     for i, run in enumerate(chosen):
-        status = execute(run, root, extra)
+        status = execute(run, root, extra + (init_argument(run, starts, extra) if starts else []))
         failures += status.startswith("failed")
         print(f"[{i + 1}/{len(chosen)}] {run.folder}: {status}", file=sys.stderr)
     if failures:
