@@ -19,6 +19,7 @@ import traceback
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import yaml
 from lightning import Trainer
@@ -156,6 +157,8 @@ class DGCLI(LightningCLI):
             raise ConfigError("ckpt_path", f"no checkpoint file at {ckpt!r}",
                               "a .ckpt written by `dgkit fit`, e.g. runs/version_0/checkpoints/last.ckpt")
         config = self.config[self.subcommand]
+        if self.subcommand == "fit":
+            steps_decide(config, self._argv)
         follow_root_dir(config)
         if self.subcommand == "fit" and ckpt is None and config.get("resume"):
             with warnings.catch_warnings():  # the same dump as config.yaml (SaveConfigCallback)
@@ -201,6 +204,25 @@ class DGCLI(LightningCLI):
 
     def _seed(self) -> object:
         return self.config[self.subcommand].get("seed_everything")
+
+
+def steps_decide(config: Any, argv: list[str]) -> None:
+    """``--trainer.max_steps N`` trains N steps: dgkit's default of 15 epochs (for runs
+    that name neither) gives way unless the epochs were asked for too, on the command line
+    or in a ``--config`` file."""
+    trainer = config.trainer
+    if trainer.get("max_steps") in (None, -1) or trainer.get("max_epochs") != TRAINER_DEFAULTS["max_epochs"]:
+        return
+    if any(a.startswith("--trainer.max_epochs") for a in argv):
+        return
+    for i, arg in enumerate(argv):
+        path = arg.split("=", 1)[1] if arg.startswith("--config=") else (
+            argv[i + 1] if arg == "--config" and i + 1 < len(argv) else None)
+        if path and Path(path).is_file():
+            written = yaml.safe_load(Path(path).read_text()) or {}
+            if "max_epochs" in (written.get("trainer") or {}):
+                return
+    trainer.max_epochs = -1
 
 
 def _class_of(class_path: str) -> str:

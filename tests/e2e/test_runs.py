@@ -118,3 +118,14 @@ def test_mldg_trains_on_two_source_domains_by_default(tmp_path):
     assert result.code == 0, result.text[-3000:]
     config = (tmp_path / "runs" / "version_0" / "config.yaml").read_text()
     assert "n_meta_test: null" in config and result.out.count("held-out domains:") == 1
+
+
+def test_max_steps_decides_unless_the_epochs_are_asked_for_too(tmp_path):
+    # 512 images per domain and step: two steps an epoch, so the default 15 epochs are 30 steps.
+    fast = ["fit", "--model.backbone=mlp", "--data.batch_size=512", *QUIET]
+    steps = dgkit(*fast, "--trainer.max_steps=40", cwd=tmp_path)
+    assert steps.code == 0, steps.text[-3000:]
+    assert "`Trainer.fit` stopped: `max_steps=40` reached." in steps.text
+    both = dgkit(*fast, "--trainer.max_steps=40", "--trainer.max_epochs=1", "--resume=false", cwd=tmp_path)
+    assert both.code == 0, both.text[-3000:]
+    assert "`Trainer.fit` stopped: `max_epochs=1` reached." in both.text
