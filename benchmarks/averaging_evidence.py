@@ -57,8 +57,9 @@ def source_batch(checkpoint: Path, size: int = 1024) -> tuple[torch.Tensor, torc
 
 def measure(run: Path) -> dict[str, float]:
     """The run's average at the end of training against its last iterate: ``last.ckpt``
-    holds both (SWAD's ``swad.ckpt``, which it tests, holds its valley's average instead),
-    tested again so that checkpoint selection does not enter the comparison."""
+    holds both, tested again so that checkpoint selection does not enter the comparison
+    (SWAD's average is its valley's, in ``swad.ckpt``, which the run tested; its last
+    iterate is ``last.ckpt``'s weights, which SWAD validated)."""
     from dgkit.module import DGModule
     from dgkit.sharpness import random_sharpness, worst_case_sharpness
 
@@ -75,7 +76,10 @@ def measure(run: Path) -> dict[str, float]:
            "averaged": tested["averaging"]["averaged"]}
     x, y = source_batch(checkpoint)
     saved = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    for name, state in (("average", saved["state_dict"]), ("last", saved["current_model_state"])):
+    last_ckpt = folder / "checkpoints" / "last.ckpt"
+    last = (torch.load(last_ckpt, map_location="cpu", weights_only=False)["state_dict"]
+            if swad else saved["current_model_state"])
+    for name, state in (("average", saved["state_dict"]), ("last", last)):
         module = DGModule.load_from_checkpoint(checkpoint, map_location="cpu", averaging=None)
         module.load_state_dict(state)
         out[f"worst {name}"] = worst_case_sharpness(module.algorithm, x, y, rho=0.05)

@@ -1,5 +1,6 @@
-"""The test-time stage: runs an algorithm's ``adapt`` over each evaluation stream, restoring
-the trained state between streams, and picks test-time hyperparameters on source data.
+"""The test-time stage: runs an algorithm's ``adapt``, or a test-time method over any
+algorithm (``--tta``, ``dgkit.tta``), over each evaluation stream, restoring the trained
+state between streams, and picks test-time hyperparameters on source data.
 
 :class:`TestTimeStage` owns the trained-state snapshot and the streams;
 :class:`TestTimeAdaptation` is the Lightning callback that opens and closes it around
@@ -22,6 +23,7 @@ from dgkit.distributed import average_gradients
 from dgkit.errors import ConfigError, check_choice
 from dgkit.heads import data_module_method, validation_loaders
 from dgkit.results import ResultsContributor
+from dgkit.tta import TestTimeMethod
 
 Reset = Literal["domain", "batch"]
 
@@ -32,16 +34,28 @@ class TestTimeStage:
     ``reset="domain"``: adaptation is online within one domain's stream and reset between
     domains. ``reset="batch"``: episodic, every batch starts from the trained state.
     Either way, one domain's adaptation never reaches another domain's result, and the
-    trained state is back in place when the evaluation ends.
+    trained state is back in place when the evaluation ends. With a ``method``, the method
+    adapts the algorithm instead of the algorithm's own ``adapt``, and a frozen copy of the
+    trained algorithm gives the un-adapted predictions.
     """
 
     __test__ = False  # not a pytest test class, despite its name
 
-    def __init__(self, algorithm: Algorithm, reset: Reset = "domain"):
+    def __init__(self, algorithm: Algorithm, reset: Reset = "domain", method: TestTimeMethod | None = None):
         check_choice(reset, Reset, "model.adaptation")
-        self.algorithm, self.reset = algorithm, reset
+        self.algorithm, self.reset, self.method = algorithm, reset, method
         self._trained: dict[str, Any] | None = None
         self._stream: Any = None
+        self._reference: Algorithm | None = None
+
+    @property
+    def needs_grad(self) -> bool:
+        return self.method.needs_grad if self.method is not None else self.algorithm.needs_grad_at_test
+
+    @property
+    def tuned(self) -> Algorithm | TestTimeMethod:
+        """What ``--model.tta_grid`` sets hyperparameters on."""
+        return self.method if self.method is not None else self.algorithm
 
     @property
     def active(self) -> bool:
@@ -53,13 +67,22 @@ class TestTimeStage:
         algo.eval()
         with torch.no_grad():
             algo.prepare_adaptation(source)
+        if self.method is not None:
+            with torch.enable_grad() if self.method.needs_grad else torch.no_grad():
+                self.method.setup(algo, source)
+            self._reference = copy.deepcopy(algo).requires_grad_(False)
         algo.train(was_training)
         self._trained = copy.deepcopy(algo.state_dict())
         self._stream = None
+        if self.method is not None:
+            self.method.reset(algo)
 
     def restore(self) -> None:
         if self._trained is not None:
             self.algorithm.load_state_dict(copy.deepcopy(self._trained))
+            if self.method is not None:
+                self.method.reset(self.algorithm)
+                self.method.reset_requested = False
 
     def restart(self) -> None:
         """The next ``predict`` starts a new stream from the trained state."""
@@ -67,15 +90,26 @@ class TestTimeStage:
 
     def end(self) -> None:
         self.restore()
-        self._trained, self._stream = None, None
+        self._trained, self._stream, self._reference = None, None, None
+
+    def unadapted(self, x: Tensor) -> Tensor:
+        """The trained model's logits, whatever the stream's adaptation has changed."""
+        model = self._reference if self._reference is not None else self.algorithm
+        model.train(self.algorithm.training)
+        return model(x)
 
     def predict(self, stream: Any, x: Tensor) -> Tensor:
         """Adapted logits for a batch of ``stream`` (any hashable naming the domain)."""
         if self.reset == "batch" or stream != self._stream:
             self.restore()
             self._stream = stream
-        with torch.enable_grad() if self.algorithm.needs_grad_at_test else torch.no_grad():
-            return self.algorithm.adapt(x)
+        with torch.enable_grad() if self.needs_grad else torch.no_grad():
+            if self.method is None:
+                return self.algorithm.adapt(x)
+            logits = self.method.adapt(self.algorithm, x)
+        if self.method.reset_requested:  # collapsed (SAR's recovery): back to the trained state
+            self.restore()
+        return logits
 
 
 def grid(space: Mapping[str, list]) -> list[dict[str, Any]]:
@@ -87,12 +121,12 @@ def select_hyperparameters(stage: TestTimeStage, space: Mapping[str, list],
                            streams: list[Iterable[tuple[Tensor, Tensor]]]) -> tuple[dict, list]:
     """Pick the test-time hyperparameters with the best mean accuracy over ``streams``
     (source validation data: never test labels). Returns the choice and every score."""
-    algo = stage.algorithm
+    algo = stage.tuned
     for name in space:
-        if not hasattr(algo, name):
+        if not hasattr(algo, name) or name.startswith("_"):
             raise ConfigError("model.tta_grid", f"{type(algo).__name__} has no hyperparameter "
                               f"{name!r}", ", ".join(sorted(_public_attributes(algo))))
-    device = next(algo.parameters()).device
+    device = next(stage.algorithm.parameters()).device
     scores = []
     for config in grid(space):
         for name, value in config.items():
@@ -115,27 +149,28 @@ def select_hyperparameters(stage: TestTimeStage, space: Mapping[str, list],
     return best, scores
 
 
-def _public_attributes(algo: Algorithm) -> list[str]:
+def _public_attributes(algo: Algorithm | TestTimeMethod) -> list[str]:
     return [n for n, v in vars(algo).items()
             if not n.startswith("_") and isinstance(v, (int, float, str, bool))]
 
 
 class TestTimeAdaptation(Callback, ResultsContributor):
-    """Runs the test-time stage of an algorithm that ``adapts_at_test`` during test and
-    predict (and validation with ``adapt_validation``); with ``grid``, first picks its
-    test-time hyperparameters by adapted accuracy on source validation streams. While the
-    stage is open the module predicts through it (``pl_module.test_time``)."""
+    """Runs the test-time stage of an algorithm that ``adapts_at_test``, or of a test-time
+    ``method`` over any algorithm, during test and predict (and validation with
+    ``adapt_validation``); with ``grid``, first picks its test-time hyperparameters by
+    adapted accuracy on source validation streams. While the stage is open the module
+    predicts through it (``pl_module.test_time``)."""
 
     __test__ = False
 
     def __init__(self, algorithm: Algorithm, reset: Reset = "domain", adapt_validation: bool = False,
-                 grid: Mapping[str, list] | None = None):
-        self.stage = TestTimeStage(algorithm, reset)
+                 grid: Mapping[str, list] | None = None, method: TestTimeMethod | None = None):
+        self.stage = TestTimeStage(algorithm, reset, method)
         self.adapt_validation, self.grid = adapt_validation, grid
         self.selection: dict | None = None
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if self.stage.algorithm.needs_grad_at_test:
+        if self.stage.needs_grad:
             # The stage takes gradients: evaluate under no_grad (which adapt() lifts with
             # enable_grad) instead of inference_mode, whose tensors refuse autograd. No public
             # switch per loop exists (Trainer(inference_mode=...) is set before the model).
@@ -186,7 +221,15 @@ class TestTimeAdaptation(Callback, ResultsContributor):
         self._close(pl_module)
 
     def results_entries(self) -> dict[str, Any]:
-        return {"test_time_selection": self.selection} if self.selection else {}
+        entries: dict[str, Any] = {"test_time_selection": self.selection} if self.selection else {}
+        method = self.stage.method
+        if method is not None:
+            from dgkit.plugins import registry
+
+            found = registry("tta").find(type(method))
+            entries["test_time"] = {"method": found.alias if found else type(method).__name__,
+                                    "settings": method.settings(), "reset": self.stage.reset}
+        return entries
 
 
 class TestOptimizerState:

@@ -20,8 +20,11 @@ ALIAS_FLAGS = {  # flag -> (registry kind, LightningCLI key it rewrites to)
     "--model.algorithm.base": ("algorithm", "--model.algorithm.base"),
     "--data.dataset": ("dataset", "--data.dataset"),
     "--model.averaging": ("averaging", "--model.averaging"),
+    "--tta": ("tta", "--model.tta"),
+    "--model.tta": ("tta", "--model.tta"),
 }
-NONE = {"none", "null"}  # --model.averaging none: no averaging
+NONE = {"none", "null"}  # --model.averaging none: no averaging; --tta none: no test-time method
+OPTIONAL = ("averaging", "tta")  # kinds that may be none
 _ALIAS_LIKE = re.compile(r"^[A-Za-z][\w\-]*$")
 
 
@@ -37,7 +40,7 @@ def rewrite_aliases(argv: Sequence[str]) -> list[str]:
             has_value = bool(inline) or i + 1 < len(argv)
             value = inline if inline else (argv[i + 1] if i + 1 < len(argv) else "")
             consumed = 1 if inline else 2
-            if has_value and kind == "averaging" and value.lower() in NONE:
+            if has_value and kind in OPTIONAL and value.lower() in NONE:
                 out.append(f"{target}=null")
                 i += consumed
                 continue
@@ -76,7 +79,7 @@ def data_from_checkpoint(argv: list[str]) -> list[str]:
 
 def _is_alias(flag: str, value: str) -> bool:
     """``--data`` also takes LightningCLI config (a path or a dict); only bare words are aliases."""
-    if flag == "--algo":
+    if flag in ("--algo", "--tta"):
         return True
     kind = ALIAS_FLAGS[flag][0]
     if value in registry(kind):  # even beside a folder of that name (./fmow is the path)
@@ -86,5 +89,5 @@ def _is_alias(flag: str, value: str) -> bool:
     # A bare word that is no alias: --data.dataset also accepts class names (RotatedMNIST).
     if value[:1].isupper():
         return False
-    known = [*registry(kind).entries, *(["none"] if kind == "averaging" else [])]
+    known = [*registry(kind).entries, *(["none"] if kind in OPTIONAL else [])]
     raise UnknownAliasError(kind, value, known)

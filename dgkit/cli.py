@@ -61,6 +61,8 @@ DEFAULT_DATASET = "rotated_mnist"
 TOOLS = {"data": "dgkit.data.download", "sweep": "dgkit.sweep", "report": "dgkit.report",
          "ensemble": "dgkit.ensemble"}
 
+#: model options that say how a checkpoint is evaluated: the command line's win over its own
+TEST_TIME_KEYS = ("tta", "tta_grid", "adaptation", "adapt_validation")
 TRAINER_DEFAULTS = {"default_root_dir": DEFAULT_ROOT, "max_epochs": 15, "log_every_n_steps": 10}
 # Loggers and callbacks are parser defaults (not trainer_defaults) so a config can change them.
 CONFIGURABLE_DEFAULTS = {
@@ -110,7 +112,13 @@ class DGCLI(LightningCLI):
         explicit = chosen is not None and any(a.startswith("--model.algorithm") for a in self._argv)
         averaging = self.config[sub].model.get("averaging") if sub else None
         asks_averaging = any(a.startswith("--model.averaging") for a in self._argv)
+        # How to evaluate is the command's choice, not the trained run's: a test-time method
+        # and its settings asked for here stay.
+        evaluation = {key: self.config[sub].model.get(key) for key in TEST_TIME_KEYS
+                      if _asks(self._argv, f"--model.{key}")} if sub else {}
         super()._parse_ckpt_path()
+        for key, value in evaluation.items():
+            self.config[sub].model[key] = value
         if asks_averaging:
             written = self.config[sub].model.get("averaging")
             names = [_class_of(a.class_path) if a else "none" for a in (written, averaging)]
@@ -166,7 +174,7 @@ class DGCLI(LightningCLI):
                 dump = yaml.safe_load(self._parser("fit").dump(config, skip_none=False))
             self._kept_metrics = resume_unfinished(config, dump)
         if self.subcommand in ("validate", "test", "predict") and ckpt:
-            beside_run(config, Path(ckpt), self.subcommand)
+            beside_run(config, Path(ckpt), self.subcommand, _tta_alias(config))
 
     def _instantiate_trainer(self, config: dict, callbacks: list) -> Trainer:
         plugins = config.get("plugins") or []
@@ -204,6 +212,21 @@ class DGCLI(LightningCLI):
 
     def _seed(self) -> object:
         return self.config[self.subcommand].get("seed_everything")
+
+
+def _tta_alias(config: Any) -> str | None:
+    """The alias of the test-time method the command evaluates with, if any."""
+    method = config.model.get("tta")
+    if not method:
+        return None
+    path = method.class_path if hasattr(method, "class_path") else str(method)
+    return next((e.alias for e in registry("tta") if e.target == path), path.rpartition(".")[2].lower())
+
+
+def _asks(argv: Sequence[str], option: str) -> bool:
+    """Whether ``argv`` sets ``option`` or one of its own settings (``option.name``)."""
+    flags = [a.split("=", 1)[0] for a in argv]
+    return any(f == option or f.startswith(option + ".") for f in flags)
 
 
 def steps_decide(config: Any, argv: list[str]) -> None:

@@ -40,6 +40,11 @@ def dgkit_averaging() -> Mapping[str, type]:
 
 
 @hookspec
+def dgkit_tta() -> Mapping[str, type]:
+    """Return ``{alias: dgkit.tta.TestTimeMethod subclass}`` for ``--tta`` (``--model.tta``)."""
+
+
+@hookspec
 def dgkit_metrics() -> Mapping[str, Callable[[Task], Metric]]:
     """Return ``{name: factory}``; a factory builds a fresh torchmetrics Metric for a task.
 

@@ -35,9 +35,11 @@ from dgkit.representation import CHECKPOINT_KEY, InitFrom, representation_prefix
 from dgkit.rng import rng_states, set_rng_states
 from dgkit.stages import Stages
 from dgkit.task import Task
+from dgkit.tta import TestTimeMethod
 
 AlgorithmFactory = Callable[[Task, Backbone], Algorithm]
 AveragingFactory = Callable[[], Averaging]
+TestTimeFactory = Callable[[], TestTimeMethod]
 
 
 class DGModule(LightningModule):
@@ -62,13 +64,15 @@ class DGModule(LightningModule):
         channels_last: bool = False,
         compile: bool = False,
         averaging: AveragingFactory | None = None,
+        tta: TestTimeFactory | None = None,
     ):
         """
         Args:
             algorithm: the DG algorithm (``--algo ALIAS`` picks one; its own
                 hyperparameters are ``--model.algorithm.<name>``).
             task: input shape, classes and domains; linked from the data module.
-            backbone: ``auto`` (the data set's default), ``mnist_cnn``, any timm model
+            backbone: ``auto`` (the data set's default), ``mnist_cnn`` (``mnist_cnn_bn``:
+                with BatchNorm), ``mlp``, any timm model
                 name, or ``torchvision/<name>``.
             pretrained: load pretrained weights from the hub (``true``) or a local file;
                 default: the data set's choice (ImageNet weights for the photo data sets,
@@ -104,6 +108,10 @@ class DGModule(LightningModule):
             averaging: average the weights while training (``ema``, ``sma``, ``swad``; their
                 own settings are ``--model.averaging.<name>``): the average is validated,
                 checkpointed and tested, the last iterate tested beside it (``test_last``).
+            tta: a test-time method over the trained model (``tent``, ``t3a``, ``bn``, ...;
+                ``--tta ALIAS``, its settings ``--model.tta.<name>``): test and predict
+                adapt with it, the un-adapted model tested beside it (``test_unadapted``);
+                it replaces an algorithm's own test-time stage (ITTA's, AdaNPC's).
         """
         super().__init__()
         self.save_hyperparameters()
@@ -138,15 +146,18 @@ class DGModule(LightningModule):
         self.averaging = averaging() if averaging is not None else None
         metrics = list(metrics or ["accuracy"])
         metrics += [m for m in (self.averaging.needs_metrics if self.averaging else ()) if m not in metrics]
+        method = tta() if tta is not None else None
+        adapts = self.algorithm.adapts_at_test or method is not None
         self.metrics = StreamMetrics(self.task, metrics, self.algorithm.num_heads,
-                                     unadapted=self.algorithm.adapts_at_test, last=self.averaging is not None)
+                                     unadapted=adapts, last=self.averaging is not None)
         #: the open test-time stage while one runs (set by TestTimeAdaptation)
         self.test_time: TestTimeStage | None = None
         # Made once: Lightning asks configure_callbacks again for every fit/test call, and
         # their state (finished stages, choices made) must outlive each.
         self.components: list[Callback] = [Stages(), HeadSelection(), RankAgreement()]
-        if self.algorithm.adapts_at_test:
-            self.components.append(TestTimeAdaptation(self.algorithm, adaptation, adapt_validation, tta_grid))
+        if adapts:
+            self.components.append(TestTimeAdaptation(self.algorithm, adaptation, adapt_validation,
+                                                      tta_grid, method))
         if init_from is not None:
             self.components.append(InitFrom(init_from, freeze_featurizer))
         if self.averaging is not None:
@@ -284,7 +295,7 @@ class DGModule(LightningModule):
         extra = {"metadata": batch[2]} if len(batch) > 2 else {}
         if self.test_time is not None:
             if stage == "test" and UNADAPTED in self.metrics:
-                self.metrics.update(UNADAPTED, index, self.algorithm(x), y, **extra)
+                self.metrics.update(UNADAPTED, index, self.test_time.unadapted(x), y, **extra)
             logits = self.test_time.predict((stage, index), x)
         else:
             logits = self.algorithm(x)

@@ -27,18 +27,20 @@ TORCHVISION_PREFIX = "torchvision/"
 
 
 class MNISTCNN(nn.Module):
-    """DomainBed's ``MNIST_CNN``: four 3x3 convolutions with GroupNorm, 128 features."""
+    """DomainBed's ``MNIST_CNN``: four 3x3 convolutions with GroupNorm, 128 features
+    (``mnist_cnn``); with ``batch_norm``, BatchNorm in GroupNorm's place (``mnist_cnn_bn``,
+    for the test-time methods that adapt BatchNorm statistics)."""
 
     n_outputs = 128
 
-    def __init__(self, in_channels: int):
+    def __init__(self, in_channels: int, batch_norm: bool = False):
         super().__init__()
         widths = [64, 128, 128, 128]
         layers: list[nn.Module] = []
         prev = in_channels
         for i, width in enumerate(widths):
             layers += [nn.Conv2d(prev, width, 3, stride=2 if i == 1 else 1, padding=1),
-                       nn.ReLU(), nn.GroupNorm(8, width)]
+                       nn.ReLU(), nn.BatchNorm2d(width) if batch_norm else nn.GroupNorm(8, width)]
             prev = width
         self.body = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
 
@@ -93,7 +95,7 @@ def split_stages(featurizer: Featurizer) -> tuple[nn.Module, list[nn.Module], nn
     DomainBed's MNIST CNN."""
     body = featurizer.body
     if isinstance(body, MNISTCNN):
-        # conv, ReLU, GroupNorm per block: cut after each ReLU so stage outputs are >= 0.
+        # conv, ReLU, norm per block: cut after each ReLU so stage outputs are >= 0.
         layers = list(body.body)
         convs = [layers[i:i + 3] for i in range(0, 12, 3)]
         stages = [nn.Sequential(*convs[0][:2])]
@@ -103,7 +105,7 @@ def split_stages(featurizer: Featurizer) -> tuple[nn.Module, list[nn.Module], nn
         stem = nn.Sequential(body.conv1, body.bn1, body.act1, body.maxpool)
         return stem, [body.layer1, body.layer2, body.layer3, body.layer4], body.global_pool
     raise ConfigError("model.backbone", f"{type(body).__name__} has no known stages",
-                      "mnist_cnn or a timm ResNet (resnet18, resnet50, ...)")
+                      "mnist_cnn, mnist_cnn_bn or a timm ResNet (resnet18, resnet50, ...)")
 
 
 @dataclass(frozen=True)
@@ -130,13 +132,13 @@ class Backbone:
     def build(self, task: Task) -> Featurizer:
         name = self.resolve(task)
         if self.pretrained is None:
-            pretrained = task.default_pretrained and name not in ("mnist_cnn", "mlp")
+            pretrained = task.default_pretrained and name not in ("mnist_cnn", "mnist_cnn_bn", "mlp")
             return dataclasses.replace(self, pretrained=pretrained).build(task)
         channels = task.input_shape[0]
-        if name == "mnist_cnn":
+        if name in ("mnist_cnn", "mnist_cnn_bn"):
             if self.pretrained:
-                raise ConfigError("model.pretrained", "mnist_cnn has no pretrained weights", "false")
-            body, n_out = MNISTCNN(channels), MNISTCNN.n_outputs
+                raise ConfigError("model.pretrained", f"{name} has no pretrained weights", "false")
+            body, n_out = MNISTCNN(channels, batch_norm=name == "mnist_cnn_bn"), MNISTCNN.n_outputs
         elif name == "mlp":
             if self.pretrained:
                 raise ConfigError("model.pretrained", "mlp has no pretrained weights", "false")
@@ -156,8 +158,9 @@ def _timm_body(name: str, in_chans: int, pretrained: bool | str,
 
     if not timm.is_model(name):
         close = timm.list_models(f"*{name}*")[:8]
-        raise ConfigError("model.backbone", f"{name!r} is neither mnist_cnn, mlp, a timm model nor "
-                          f"{TORCHVISION_PREFIX}<name>", ", ".join(["mnist_cnn", "mlp", *close]))
+        raise ConfigError("model.backbone", f"{name!r} is neither mnist_cnn(_bn), mlp, a timm model nor "
+                          f"{TORCHVISION_PREFIX}<name>",
+                          ", ".join(["mnist_cnn", "mnist_cnn_bn", "mlp", *close]))
     kwargs: dict = {"num_classes": 0, "in_chans": in_chans}
     if isinstance(pretrained, str):
         kwargs.update(pretrained=True, pretrained_cfg_overlay={"file": pretrained})

@@ -62,7 +62,7 @@ def registered_in(*modules: types.ModuleType | str) -> dict[str, Any]:
     return found
 
 KINDS = {"algorithm": "dgkit_algorithms", "dataset": "dgkit_datasets", "metric": "dgkit_metrics",
-         "averaging": "dgkit_averaging"}
+         "averaging": "dgkit_averaging", "tta": "dgkit_tta"}
 
 
 @dataclass(frozen=True)

@@ -105,6 +105,11 @@ def print_results(results: dict, console: Console | None = None) -> None:
     averaging = results.get("averaging")
     if averaging:
         console.print(f"averaged weights: {averaging['averaged']}")
+    method = results.get("test_time")
+    if method:
+        settings = ", ".join(f"{k}={v}" for k, v in method["settings"].items())
+        reset = "episodic: reset every batch" if method["reset"] == "batch" else "online: reset between domains"
+        console.print(f"test-time method: {method['method']} ({settings}); {reset}", soft_wrap=True)
     selection = results.get("head_selection")
     if selection:
         console.print(f"head {selection['selected_head']} chosen by {selection['by']} "
