@@ -174,7 +174,7 @@ class DGCLI(LightningCLI):
                 dump = yaml.safe_load(self._parser("fit").dump(config, skip_none=False))
             self._kept_metrics = resume_unfinished(config, dump)
         if self.subcommand in ("validate", "test", "predict") and ckpt:
-            beside_run(config, Path(ckpt), self.subcommand, _tta_alias(config))
+            beside_run(config, Path(ckpt), self.subcommand, _evaluation_name(config))
 
     def _instantiate_trainer(self, config: dict, callbacks: list) -> Trainer:
         plugins = config.get("plugins") or []
@@ -214,13 +214,20 @@ class DGCLI(LightningCLI):
         return self.config[self.subcommand].get("seed_everything")
 
 
-def _tta_alias(config: Any) -> str | None:
-    """The alias of the test-time method the command evaluates with, if any."""
+def _evaluation_name(config: Any) -> str:
+    """What sets this evaluation apart from the plain test of the checkpoint, for its
+    folder's name: the test-time method's alias and the test scenario (``-tent-mixed-shift0.1``)."""
+    parts = []
     method = config.model.get("tta")
-    if not method:
-        return None
-    path = method.class_path if hasattr(method, "class_path") else str(method)
-    return next((e.alias for e in registry("tta") if e.target == path), path.rpartition(".")[2].lower())
+    if method:
+        path = method.class_path if hasattr(method, "class_path") else str(method)
+        parts.append(next((e.alias for e in registry("tta") if e.target == path),
+                          path.rpartition(".")[2].lower()))
+    if config.data.get("test_stream") == "mixed":
+        parts.append("mixed")
+    if config.data.get("label_shift") is not None:
+        parts.append(f"shift{config.data.label_shift:g}")
+    return "".join(f"-{p}" for p in parts)
 
 
 def _asks(argv: Sequence[str], option: str) -> bool:

@@ -41,6 +41,9 @@ def report(trainer: Trainer, model: DGModule, ckpt_path: str | None, seed: Any, 
     for callback in trainer.callbacks:
         if isinstance(callback, ResultsContributor):
             extra.update(callback.results_entries())
+    scenario = getattr(trainer.datamodule, "test_scenario", None)
+    if scenario is not None:
+        extra["test_stream"] = scenario()
     results = collect_results(trainer.callback_metrics, model.task,
                               algorithm=type(model.algorithm).__name__, ckpt_path=ckpt_path, seed=seed,
                               transductive=model.task.transductive, **extra)

@@ -105,10 +105,17 @@ def print_results(results: dict, console: Console | None = None) -> None:
     averaging = results.get("averaging")
     if averaging:
         console.print(f"averaged weights: {averaging['averaged']}")
+    stream = results.get("test_stream") or {}
+    if stream.get("streams") == "mixed" or stream.get("label_shift") is not None:
+        cut = ("one stream mixing the held-out domains" if stream["streams"] == "mixed"
+               else "one stream per domain")
+        shift = f", label-shifted (Dirichlet {stream['label_shift']})" if stream.get("label_shift") else ""
+        console.print(f"test stream: {cut}{shift}, batches of {stream['batch_size']}", soft_wrap=True)
     method = results.get("test_time")
     if method:
         settings = ", ".join(f"{k}={v}" for k, v in method["settings"].items())
-        reset = "episodic: reset every batch" if method["reset"] == "batch" else "online: reset between domains"
+        reset = ("episodic: reset every batch" if method["reset"] == "batch"
+                 else "online: reset between streams")
         console.print(f"test-time method: {method['method']} ({settings}); {reset}", soft_wrap=True)
     selection = results.get("head_selection")
     if selection:

@@ -34,10 +34,10 @@ def follow_root_dir(config: Any) -> None:
             logger.init_args.save_dir = str(root)
 
 
-def beside_run(config: Any, ckpt: Path, subcommand: str, method: str | None = None) -> None:
+def beside_run(config: Any, ckpt: Path, subcommand: str, name: str = "") -> None:
     """``dgkit test --ckpt_path D/version_N/checkpoints/X.ckpt`` writes its files to
-    ``D/version_N/test-X/`` (with test-time method M: ``test-X-M/``), beside the run it
-    evaluates, not to a new run."""
+    ``D/version_N/test-X<name>/`` (``name``: what sets the evaluation apart, e.g.
+    ``-tent``), beside the run it evaluates, not to a new run."""
     run = ckpt.parent.parent  # as the user wrote it: the printed paths read the same
     if ckpt.resolve().parent.name != "checkpoints" or not (run / CONFIG_FILE).is_file():
         return  # not a dgkit run folder: Lightning's default versioning
@@ -45,7 +45,7 @@ def beside_run(config: Any, ckpt: Path, subcommand: str, method: str | None = No
     for logger in file_loggers(config):
         logger.init_args.save_dir = str(run.parent)
         logger.init_args.name = ""
-        logger.init_args.version = f"{run.name}/{subcommand}-{ckpt.stem}" + (f"-{method}" if method else "")
+        logger.init_args.version = f"{run.name}/{subcommand}-{ckpt.stem}{name}"
 
 
 def share_one_folder(trainer: Trainer, kept_metrics: list[dict[str, int | float]]) -> None:

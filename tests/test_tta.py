@@ -323,3 +323,65 @@ def test_the_plugin_guide_s_test_time_method_registers_and_adapts(trained):
     assert any(not torch.equal(v, trained_state[k]) for k, v in algo.state_dict().items())
     stage.end()
     assert all(torch.equal(v, trained_state[k]) for k, v in algo.state_dict().items())
+
+
+def test_a_mixed_test_stream_holds_every_held_out_image_once_in_a_seeded_order():
+    data = DomainDataModule(RotatedMNIST(), test_domains=["60", "75"], test_stream="mixed",
+                            eval_batch_size=64)
+    assert data.task.stages["test"] == ("60+75",) and data.task.stages["oracle"] == ("60", "75")
+    data.setup("test")
+    (loader,) = data.test_dataloader()
+    x = torch.cat([b[0] for b in loader])
+    per_domain = DomainDataModule(RotatedMNIST(), test_domains=["60", "75"])
+    per_domain.setup("test")
+    separate = torch.cat([b[0] for loader in per_domain.test_dataloader() for b in loader])
+    assert len(x) == len(separate) and not torch.equal(x, separate)
+    assert torch.equal(x.flatten(1).sum(1).sort().values, separate.flatten(1).sum(1).sort().values)
+    again = DomainDataModule(RotatedMNIST(), test_domains=["60", "75"], test_stream="mixed",
+                             eval_batch_size=64)
+    again.setup("test")
+    assert torch.equal(torch.cat([b[0] for b in again.test_dataloader()[0]]), x)
+
+
+@pytest.mark.parametrize("alpha", [0.1, 100.0])
+def test_a_label_shifted_stream_reorders_every_sample_once_with_one_class_dominating_a_batch(alpha):
+    from dgkit.data.streams import labels_of
+
+    data = DomainDataModule(RotatedMNIST(), test_domains=["75"], label_shift=alpha, eval_batch_size=64)
+    data.setup("test")
+    (loader,) = data.test_dataloader()
+    labels = [b[1] for b in loader]
+    plain = labels_of(data._stream_data("test")[0])
+    assert torch.equal(torch.cat(labels).bincount(minlength=10), plain.bincount(minlength=10))
+    # the share of a batch's most frequent class (measured: 0.43 at 0.1, 0.14 at 100, 0.17 stored)
+    top = sum(y.bincount().max().item() / len(y) for y in labels) / len(labels)
+    assert top > 0.35 if alpha < 1 else top < 0.2, top
+    assert data.test_scenario() == {"streams": "domains", "label_shift": alpha, "batch_size": 64}
+
+
+def test_scenario_options_refuse_bad_values_in_one_line():
+    with pytest.raises(ConfigError, match=r"data\.label_shift"):
+        DomainDataModule(RotatedMNIST(), label_shift=0.0)
+    with pytest.raises(ConfigError, match=r"data\.test_stream"):
+        DomainDataModule(RotatedMNIST(), test_stream="shuffled")
+
+
+def test_bn_adaptation_suffers_from_a_label_shifted_stream_and_lame_gains(trained_once):
+    """TTAB's finding on the embedded data: with few classes per test batch, the batch's
+    statistics no longer describe the domain (BN adaptation drops), while LAME, which
+    makes neighbours agree, is at its best."""
+    data, algo = trained_once
+    shifted = DomainDataModule(RotatedMNIST(), test_domains=["60", "75"], batch_size=16,
+                               eval_batch_size=64, label_shift=0.1)
+    shifted.setup("test")
+    scores = {}
+    for name in ("bn", "lame"):
+        for label, module in (("iid", data), ("shifted", shifted)):
+            stage = open_stage(module, copy.deepcopy(algo), method(name))
+            scores[name, label] = accuracy(lambda i, x, s=stage: s.predict(("test", i), x),
+                                           module.test_dataloader())
+            stage.end()
+    with torch.no_grad():
+        plain = accuracy(lambda i, x: algo(x), shifted.test_dataloader())
+    assert scores["bn", "shifted"] < scores["bn", "iid"] - 0.05, scores
+    assert scores["lame", "shifted"] > plain, (scores, plain)

@@ -24,11 +24,13 @@ from dgkit.data.base import MultiDomainDataset
 from dgkit.data.mnist import RotatedMNIST
 from dgkit.data.resumable import ResumableSampler, Seeded
 from dgkit.data.shifts import FOLDS, MixedShifts, ShiftedDataset, resolve_categories
+from dgkit.data.streams import label_shifted, mixed
 from dgkit.data.wilds_sets import check_no_domain_options
 from dgkit.errors import ConfigError, check_choice
 from dgkit.task import Task
 
 Unlabeled = Literal["none", "target", "source_holdout", "crafted", "domains"]
+TestStream = Literal["domains", "mixed"]
 
 
 def split_indices(n: int, holdout_fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -96,6 +98,8 @@ class DomainDataModule(LightningDataModule):
         crafted_validation: list[str] | None = None,
         crafted_training: list[str] | None = None,
         track_test: bool = False,
+        test_stream: TestStream = "domains",
+        label_shift: float | None = None,
     ):
         """
         Args:
@@ -144,6 +148,14 @@ class DomainDataModule(LightningDataModule):
             track_test: also evaluate the held-out domains' test splits at every
                 validation (``heldout/*``), never used for selection, so that a model can
                 be selected after the fact by any method and its test accuracy read off.
+            test_stream: how the held-out test images reach the model (what online
+                test-time adaptation sees): ``domains``, one stream per held-out domain;
+                ``mixed``, one stream of all of them in a seeded random order (named
+                ``60+75``).
+            label_shift: the concentration of a label-shifted test order (TTAB's): the
+                class proportions drift along each stream, drawn from a Dirichlet of this
+                concentration over parts of about a test batch each (0.1: a batch holds
+                few classes; 100: close to a shuffled stream). Default: the stored order.
         """
         super().__init__()
         self.dataset = dataset if dataset is not None else RotatedMNIST()
@@ -200,6 +212,14 @@ class DomainDataModule(LightningDataModule):
                               f"the training shifts {', '.join(self.crafted_training)}; a fold seen "
                               "in training never validates", "categories of the other fold")
         self.track_test = track_test
+        check_choice(test_stream, TestStream, "data.test_stream")
+        if test_stream == "mixed" and self.official:
+            raise ConfigError("data.test_stream", f"mixed joins held-out domains, and {ds.name} tests "
+                              "its official splits", "domains")
+        if label_shift is not None and not label_shift > 0:
+            raise ConfigError("data.label_shift", f"{label_shift} is not a Dirichlet concentration",
+                              "> 0 (0.1: strongly shifted), or null for the stored order")
+        self.test_stream, self.label_shift = test_stream, label_shift
         self.splits: dict[int, tuple[Dataset, Dataset]] = {}
         self.official_train: Dataset | None = None
         self.official_streams: dict[str, list[Dataset]] = {}
@@ -230,9 +250,10 @@ class DomainDataModule(LightningDataModule):
             targets = tuple(ds.domains[i] for i in self.test_indices)
             validation = (("val", sources), *((("oracle", targets),) if self.oracle else ()))
         # The one place that orders the evaluation streams; the loaders follow it.
+        tested = ("+".join(targets),) if self.test_stream == "mixed" else targets
         streams = (*validation,
                    *((("crafted", self.crafted_validation),) if self.crafted_validation else ()),
-                   *((("heldout", targets),) if self.track_test else ()), ("test", targets))
+                   *((("heldout", targets),) if self.track_test else ()), ("test", tested))
         return Task(
             streams=streams,
             input_shape=tuple(ds.input_shape),
@@ -384,8 +405,24 @@ class DomainDataModule(LightningDataModule):
             return self.official_streams["test"]
         return [self.splits[i][0] for i in self.test_indices]  # heldout and test
 
+    def _test_streams(self) -> list[Dataset]:
+        """The test streams of the scenario (``test_stream``, ``label_shift``)."""
+        streams = self._stream_data("test")
+        if self.test_stream == "mixed":
+            streams = [mixed(streams, self.split_seed)]
+        if self.label_shift is not None:
+            streams = [label_shifted(s, self.label_shift, -(-len(s) // self.eval_batch_size),
+                                     self.split_seed + i) for i, s in enumerate(streams)]
+        return streams
+
+    def test_scenario(self) -> dict[str, Any]:
+        """How the test streams were cut and ordered, for the results."""
+        return {"streams": self.test_stream, "label_shift": self.label_shift,
+                "batch_size": self.eval_batch_size}
+
     def _eval_loaders(self, stages: list[tuple[str, int]]) -> list[DataLoader]:
-        data = {stage: self._stream_data(stage) for stage, _ in stages}
+        data = {stage: self._test_streams() if stage == "test" else self._stream_data(stage)
+                for stage, _ in stages}
         return [self._loader(self._view(data[stage][i], False), self.eval_batch_size, False)
                 for stage, i in stages]
 

@@ -101,3 +101,16 @@ def test_tent_on_two_processes(checkpoints, tmp_path):
     plain = results(ckpt.parent.parent)["domains"]["75"]["accuracy"]
     # The test split is padded to an even count across the two ranks (one sample at most).
     assert tested["domains"]["75"]["accuracy (no adaptation)"] == pytest.approx(plain, abs=0.005)
+
+
+def test_a_label_shifted_scenario_is_stated_and_kept_apart_from_the_plain_test(checkpoints, tmp_path):
+    ckpt = checkpoints["erm"]
+    result = dgkit("test", "--ckpt_path", str(ckpt), "--tta", "lame", "--data.label_shift", "0.1",
+                   "--data.eval_batch_size", "64", *QUIET, cwd=tmp_path)
+    assert result.code == 0, result.text[-3000:]
+    assert "test stream: one stream per domain, label-shifted (Dirichlet 0.1), batches of 64" in result.out
+    tested = results(ckpt.parent.parent / f"test-{ckpt.stem}-lame-shift0.1")
+    assert tested["test_stream"] == {"streams": "domains", "label_shift": 0.1, "batch_size": 64}
+    assert tested["test_time"]["method"] == "lame"
+    bad = dgkit("test", "--ckpt_path", str(ckpt), "--data.label_shift", "0", *QUIET, cwd=tmp_path)
+    assert bad.code == 2 and "data.label_shift" in bad.error_line()
