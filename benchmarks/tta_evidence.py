@@ -2,15 +2,18 @@
 un-adapted, over seeds, and each method's time per test batch against a plain forward.
 
     python benchmarks/tta_evidence.py --dir sweeps/tta [--seeds 3] [--steps 600]
-        [--backbone mnist_cnn_bn] [--test-domains 60 75] [--batch-size 64] [--methods bn tent ...]
+        [--backbone mnist_cnn_bn] [--test-domains 60 75] [--batch-size 64] [--label-shift 0.1]
+        [--methods bn tent ...]
 
 ERM on the embedded Rotated MNIST, trained on the other rotations (``dgkit fit``, one run
 per seed), then ``dgkit test --ckpt_path CKPT --tta METHOD`` for each method with its
 default settings: each result holds the adapted accuracy and the same checkpoint's
 un-adapted one ("accuracy (no adaptation)"), averaged over the held-out domains, online
-along each domain's stream (reset between domains), ``--batch-size`` test images a batch. The timing
-runs in this process on the first seed's checkpoint: the median over the test batches of
-one adapted batch (the method's updates included) divided by one forward of the model.
+along each domain's stream (reset between domains), ``--batch-size`` test images a batch;
+with ``--label-shift ALPHA``, again under TTAB's label shift (``--data.label_shift``: the
+class proportions drift along each stream, so a batch holds few classes). The timing runs
+in this process on the first seed's checkpoint: the median over the test batches of one
+adapted batch (the method's updates included) divided by one forward of the model.
 """
 
 from __future__ import annotations
@@ -42,13 +45,15 @@ def fit(folder: Path, seed: int, args: argparse.Namespace) -> Path:
     return folder / json.loads((run / "test_results.json").read_text())["ckpt_path"]
 
 
-def adapted(ckpt: Path, method: str, batch_size: int) -> tuple[float, float]:
+def adapted(ckpt: Path, method: str, batch_size: int, shift: float | None) -> tuple[float, float]:
     """(adapted, un-adapted) accuracy averaged over the held-out domains."""
-    out = ckpt.parent.parent / f"test-{ckpt.stem}-{method}" / "test_results.json"
+    scenario = ["--data.label_shift", str(shift)] if shift is not None else []
+    name = f"{method}-shift{shift:g}" if shift is not None else method
+    out = ckpt.parent.parent / f"test-{ckpt.stem}-{name}" / "test_results.json"
     if not out.is_file():
-        with (ckpt.parent.parent / f"test-{method}.log").open("w") as log:
+        with (ckpt.parent.parent / f"test-{name}.log").open("w") as log:
             subprocess.run(["dgkit", "test", "--ckpt_path", str(ckpt), "--tta", method,
-                            "--data.eval_batch_size", str(batch_size), *QUIET],
+                            "--data.eval_batch_size", str(batch_size), *scenario, *QUIET],
                            check=True, stdout=log, stderr=log)
     domains = json.loads(out.read_text())["domains"].values()
     return (statistics.fmean(d["accuracy"] for d in domains),
@@ -96,6 +101,7 @@ def main() -> None:
     parser.add_argument("--backbone", default="mnist_cnn_bn")
     parser.add_argument("--test-domains", nargs="+", default=["60", "75"])
     parser.add_argument("--batch-size", type=int, default=64, help="test images per batch")
+    parser.add_argument("--label-shift", type=float, help="also test under this label shift")
     parser.add_argument("--methods", nargs="+", default=METHODS)
     args = parser.parse_args()
     ckpts = [fit(args.dir / f"seed{seed}", seed, args) for seed in range(args.seeds)]
@@ -103,14 +109,17 @@ def main() -> None:
     print(f"ERM on rotated_mnist, {args.backbone}, {args.steps} steps, held out "
           f"{' and '.join(args.test_domains)}; test batches of {args.batch_size}; {args.seeds} seeds "
           "(mean ± standard error, accuracy in %, averaged over the held-out domains)")
-    print(f"{'method':<9}{'adapted':>14}{'un-adapted':>14}{'gain':>8}{'gains':>9}"
-          f"{'batch time / forward':>23}")
-    for name in args.methods:
-        pairs = [adapted(ckpt, name, args.batch_size) for ckpt in ckpts]
-        a, u = [100 * p[0] for p in pairs], [100 * p[1] for p in pairs]
-        gains = [x - y for x, y in zip(a, u, strict=True)]
-        print(f"{name:<9}{_mean_se(a):>14}{_mean_se(u):>14}{statistics.fmean(gains):>+8.1f}"
-              f"{sum(g > 0 for g in gains):>5} of {len(gains)}{ratios[name]:>20.1f}x")
+    for shift in [None, *([args.label_shift] if args.label_shift is not None else [])]:
+        if shift is not None:
+            print(f"\nlabel-shifted streams (--data.label_shift {shift:g})")
+        print(f"{'method':<9}{'adapted':>14}{'un-adapted':>14}{'gain':>8}{'gains':>9}"
+              f"{'batch time / forward':>23}")
+        for name in args.methods:
+            pairs = [adapted(ckpt, name, args.batch_size, shift) for ckpt in ckpts]
+            a, u = [100 * p[0] for p in pairs], [100 * p[1] for p in pairs]
+            gains = [x - y for x, y in zip(a, u, strict=True)]
+            print(f"{name:<9}{_mean_se(a):>14}{_mean_se(u):>14}{statistics.fmean(gains):>+8.1f}"
+                  f"{sum(g > 0 for g in gains):>5} of {len(gains)}{ratios[name]:>20.1f}x")
 
 
 def _mean_se(values: list[float]) -> str:
