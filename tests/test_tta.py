@@ -253,16 +253,22 @@ def test_tta_grid_tunes_the_methods_hyperparameters_on_source_validation(trained
     stage.end()
 
 
-@pytest.mark.parametrize("algorithm", [ERM, SAM, "coral"])
-@pytest.mark.parametrize("name", METHODS)
-def test_every_method_runs_over_erm_sam_and_a_zoo_algorithm(trained_once, algorithm, name):
+@pytest.mark.parametrize(("algorithm", "name"), [(a, m) for a in (ERM, SAM, "coral") for m in METHODS]
+                         + [(a, m) for a in ("adanpc", "itta") for m in ("tent", "t3a")])
+def test_every_method_runs_over_erm_sam_a_zoo_algorithm_and_those_with_their_own_stage(
+        trained_once, algorithm, name):
+    """In place of ITTA's and AdaNPC's own adaptation (AdaNPC's memory still built first)."""
     data, _ = trained_once
     if isinstance(algorithm, str):
         algorithm = registry("algorithm").get(algorithm).obj
     torch.manual_seed(0)
     module = DGModule(algorithm=algorithm, task=data.task, backbone="mnist_cnn_bn")
     algo = module.algorithm.eval()
-    stage = open_stage(data, algo, method(name))
+    try:
+        stage = open_stage(data, algo, method(name))
+    except ConfigError as exc:  # a feature method on a model that predicts otherwise
+        assert name in ("t3a", "shot_im", "lame") and "does not predict with that pair" in str(exc)
+        return
     x, _ = next(iter(data.test_dataloader()[0]))
     logits = stage.predict(("test", 0), x)
     assert logits.shape == (len(x), data.task.num_classes) and torch.isfinite(logits).all()
