@@ -72,23 +72,27 @@ def cost(ckpt: Path, methods: list[str], batch_size: int) -> dict[str, float]:
     data.setup("test")
     batches = [x for loader in data.test_dataloader() for x, *_ in loader]
 
-    def median(call) -> float:
-        times = []
-        for x in batches:
-            start = time.perf_counter()
-            call(x)
-            times.append(time.perf_counter() - start)
-        return statistics.median(times)
-
     algo = DGModule.load_from_checkpoint(ckpt, map_location="cpu").algorithm.eval()
-    with torch.no_grad():
-        median(algo)  # warm up
-        plain = median(algo)
+
+    def timed(call, x) -> float:
+        start = time.perf_counter()
+        call(x)
+        return time.perf_counter() - start
+
+    def plain(x):
+        with torch.no_grad():
+            return algo(x)
+
     out = {}
     for name in methods:
         stage = TestTimeStage(algo, method=registry("tta").get(name).obj())
         stage.begin(lambda: data.source_eval_dataloader(include_holdout=True))
-        out[name] = median(lambda x, stage=stage: stage.predict(("test", 0), x)) / plain
+        adapted, forward = [], []
+        for _ in range(3):  # each batch's forward timed beside its adapted batch: drift cancels
+            for x in batches:
+                forward.append(timed(plain, x))
+                adapted.append(timed(lambda x, stage=stage: stage.predict(("test", 0), x), x))
+        out[name] = statistics.median(adapted) / statistics.median(forward)
         stage.end()
     return out
 
