@@ -149,7 +149,7 @@ CASES = [
      _argv("fit", "--algo", "mldg", "--data", "colored_mnist", "--model.algorithm.n_meta_test", "2"),
      "model.algorithm.n_meta_test: 2 (allowed: at least 1 and fewer than the 2 source domains)"),
     ("a backbone without stages for MIRO", _argv("fit", "--algo", "miro", "--model.backbone", "mlp"),
-     "model.backbone: MLP has no known stages (allowed: mnist_cnn or a timm ResNet"),
+     "model.backbone: MLP has no known stages (allowed: mnist_cnn, mnist_cnn_bn or a timm ResNet"),
     ("trials beside a grid", _argv("sweep", "--dir", "s", "--algos", "erm", "--test-domains", "75", "--grid",
                                    "model.optimizer.lr=1e-3,1e-4", "--random", "1", "--trials", "2"),
      "--trials K goes with --random N and no --grid (DomainBed's random search)"),
