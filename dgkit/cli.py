@@ -111,7 +111,7 @@ class DGCLI(LightningCLI):
         chosen = self.config[sub].model.algorithm if sub else None
         explicit = chosen is not None and any(a.startswith("--model.algorithm") for a in self._argv)
         averaging = self.config[sub].model.get("averaging") if sub else None
-        asks_averaging = any(a.startswith("--model.averaging") for a in self._argv)
+        asks_averaging = _asks(self._argv, "--model.averaging")
         # How to evaluate is the command's choice, not the trained run's: a test-time method
         # and its settings asked for here stay.
         evaluation = {key: self.config[sub].model.get(key) for key in TEST_TIME_KEYS
