@@ -45,8 +45,11 @@ UNLABELED = {"divdis": "source_holdout", "dbat": "source_holdout"}  # what they 
 
 
 class StepTimer(Callback):
+    """Wall time of every training step after the first ``skip`` (counted over the run:
+    an epoch of the embedded data is about 20 steps, and ``batch_idx`` restarts each epoch)."""
+
     def __init__(self, skip: int):
-        self.skip, self.times, self._start = skip, [], 0.0
+        self.skip, self.times, self._start, self._seen = skip, [], 0.0, 0
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if torch.cuda.is_available():
@@ -56,8 +59,9 @@ class StepTimer(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        if batch_idx >= self.skip:
+        if self._seen >= self.skip:
             self.times.append(time.perf_counter() - self._start)
+        self._seen += 1
 
 
 def timed(update, times: list[float]):
