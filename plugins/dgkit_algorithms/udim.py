@@ -10,11 +10,14 @@ variance of per-sample classifier gradients plus their squared norm on perturbed
 from __future__ import annotations
 
 import contextlib
-from typing import Literal
+import copy
+import weakref
+from collections.abc import Mapping
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from dgkit import Backbone, Batch, Optimization, Task, register
 from dgkit.errors import DGKitError, check, check_choice
@@ -22,6 +25,7 @@ from dgkit.sharpness import bn_stats_frozen, perturbed, sam_perturbation
 from dgkit_algorithms.sam import SAM
 
 PerturbNorm = Literal["batch", "sample"]
+BNMode = Literal["batch_stats", "running"]
 
 
 def per_sample_classifier_grads(z: Tensor, logits: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
@@ -60,7 +64,8 @@ class UDIM(SAM):
                  rho_x: float = 10.0, lam: float = 1.0, warmup_fraction: float = 0.2,
                  warmup_steps: int | None = None, perturb_norm: PerturbNorm = "batch",
                  domain_wise: bool = True, center_on_clean: bool = True, adaptive: bool = False,
-                 eta: float = 0.01, sync_perturbation: bool = False):
+                 eta: float = 0.01, sync_perturbation: bool = False, reload_warmup_best: bool = True,
+                 bn_mode: BNMode = "batch_stats"):
         """
         Args:
             rho: radius of the weight perturbation (SAM's rho), in warm-up and UDIM steps.
@@ -83,6 +88,16 @@ class UDIM(SAM):
             adaptive: ASAM-style weight perturbation.
             eta: ASAM's offset.
             sync_perturbation: all-reduce the perturbation passes under DDP (see SAM).
+            reload_warmup_best: when UDIM steps start, reload the weights and optimizer state
+                of the warm-up's best validation (the task's selection metric, source
+                domains), as the reference reloads its ``eval_best.pt``; off continues from
+                the last warm-up step. Warm-up and UDIM steps are then two stages
+                (``stage-warmup.ckpt``).
+            bn_mode: ``batch_stats`` (reference, its ``replace_all_batch_norm_modules_``):
+                from the first UDIM step on, every BatchNorm layer normalises with the
+                current batch's statistics, in training and at evaluation (predictions then
+                depend on the evaluation batch); ``running``: BatchNorm as configured
+                (``--model.freeze_bn``). No effect on networks without BatchNorm.
         """
         super().__init__(task, backbone, rho=rho, adaptive=adaptive, eta=eta,
                          sync_perturbation=sync_perturbation)
@@ -93,6 +108,7 @@ class UDIM(SAM):
         check(warmup_steps is None or warmup_steps >= 0, "model.algorithm.warmup_steps",
               f"{warmup_steps} is negative", ">= 0 or null")
         check_choice(perturb_norm, PerturbNorm, "model.algorithm.perturb_norm")
+        check_choice(bn_mode, BNMode, "model.algorithm.bn_mode")
         if not isinstance(self.classifier, torch.nn.Linear):
             raise DGKitError("UDIM's per-sample gradients need a linear classifier head")
         self.rho_s = rho if rho_s is None else rho_s
@@ -100,6 +116,15 @@ class UDIM(SAM):
         self.warmup_fraction, self.warmup_steps = warmup_fraction, warmup_steps
         self.perturb_norm, self.domain_wise = perturb_norm, domain_wise
         self.center_on_clean = center_on_clean
+        self.reload_warmup_best, self.bn_mode = reload_warmup_best, bn_mode
+        # Persistent, so a checkpoint of the UDIM phase evaluates (and resumes) with batch
+        # statistics whatever step the loading module thinks it is at.
+        self.register_buffer("batch_stats_phase", torch.zeros((), dtype=torch.bool))
+        self._norms = [m for m in self.featurizer.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        self._norms_switched = False  # this process has put them in batch-statistics mode
+        self._best: dict[str, Any] | None = None  # the warm-up's best validation: score, step, state
+        self._optimizer: weakref.ref | None = None  # the main optimizer, for its state; a weak
+        # reference, so that copies of the model (averages, test-time references) leave it
 
     @property
     def in_warmup(self) -> bool:
@@ -108,6 +133,58 @@ class UDIM(SAM):
             total = self.progress.total_steps or 0
             steps = int(total * self.warmup_fraction)
         return self.progress.step < steps
+
+    # --- the warm-up's best state, reloaded when UDIM steps start ------------------------
+    def stage_name(self) -> str | None:
+        if not self.reload_warmup_best:
+            return None
+        return "warmup" if self.in_warmup else "udim"
+
+    def on_validation_metrics(self, metrics: Mapping[str, float]) -> None:
+        score = metrics.get(self.task.selection_metric)
+        if not (self.reload_warmup_best and self.in_warmup) or score is None:
+            return
+        if self._best is None or score > self._best["score"]:
+            optimizer = self._optimizer() if self._optimizer is not None else None
+            self._best = {
+                "score": score, "step": self.progress.step + 1,
+                "weights": {k: v.detach().clone() for k, v in self._tensors().items()},
+                "optimizer": copy.deepcopy(optimizer.state_dict()) if optimizer is not None else None,
+            }
+
+    def end_stage(self, name: str) -> str | None:
+        if name != "warmup":
+            return None
+        best, self._best = self._best, None
+        if best is None:
+            return "UDIM: no validation during the warm-up; UDIM steps start from its last weights"
+        with torch.no_grad():
+            for k, v in self._tensors().items():
+                v.copy_(best["weights"][k])
+        optimizer = self._optimizer() if self._optimizer is not None else None
+        if optimizer is not None and best["optimizer"] is not None:
+            optimizer.load_state_dict(best["optimizer"])
+        return (f"UDIM: UDIM steps start from the warm-up's best validation "
+                f"({self.task.selection_metric} {best['score']:.4f} after step {best['step']}): "
+                "weights and optimizer state reloaded")
+
+    def _tensors(self) -> dict[str, Tensor]:
+        return {**dict(self.named_parameters()), **dict(self.named_buffers())}
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"warmup_best": self._best}  # a run killed in its warm-up resumes with it
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self._best = (state or {}).get("warmup_best")
+
+    # --- BatchNorm with batch statistics after the warm-up --------------------------------
+    def train(self, mode: bool = True) -> UDIM:
+        super().train(mode)
+        if self._norms and bool(self.batch_stats_phase):
+            for m in self._norms:  # normalise with the batch's statistics, keep the running ones
+                m.train(True)
+                m.momentum = 0.0
+        return self
 
     def perturb_inputs(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, list[Tensor | None]]:
         """The unknown-domain inputs ``x + rho_x * normalize(grad_x J)`` with
@@ -143,8 +220,13 @@ class UDIM(SAM):
         return total
 
     def training_update(self, batch: Batch, opt: Optimization) -> dict[str, Tensor]:
+        self._optimizer = weakref.ref(opt.optimizer)
         if self.in_warmup:
             return {**super().training_update(batch, opt), "warmup": torch.ones(())}
+        if self.bn_mode == "batch_stats" and self._norms and not self._norms_switched:
+            self.batch_stats_phase.fill_(True)
+            self.train(self.training)
+            self._norms_switched = True
         x, y = batch.x, batch.y
         named = list(self.named_trainable())
         sync = contextlib.nullcontext() if self.sync_perturbation else opt.no_sync()
