@@ -283,6 +283,17 @@ def print_plugins() -> None:
                       f"load[/red]: {failure.error}")
 
 
+def _leave_process_group() -> None:
+    """Destroy the DDP process group before the interpreter does. Lightning destroys NCCL's
+    at exit but not gloo's, whose threads then meet interpreter shutdown: a non-zero rank
+    of a two-node CPU run aborted there ("terminate called without an active exception",
+    exit -6) after its work was done."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Console entry point (returns nothing: a returned object would become the exit code)."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -299,6 +310,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         finally:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
+            _leave_process_group()
             _algorithm_help(argv)
     except SIGTERMException:  # Lightning's own handler, outside training (setup, testing)
         _fail(_OUTSIDE_TRAINING.format(name="SIGTERM"), code=143)

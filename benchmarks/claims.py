@@ -1,0 +1,227 @@
+"""The papers' claims on the embedded data, over seeds, through ``dgkit sweep``: one table.
+
+    python benchmarks/claims.py --dir sweeps/claims [--quick] [--claims NAME ...]
+
+Each claim names what its paper says, the setting it is checked in here, a baseline and the
+method (mean ± standard error over seeds), their difference (paired by seed) and a verdict
+at the seeds' noise: ``holds`` (the difference has the claimed sign and exceeds its standard
+error; for "not worse" claims: it is not below minus its standard error), ``within noise``
+or ``contradicted``. Runs already in ``--dir`` are reused, so a stopped run resumes.
+
+Budget (full): 3 seeds, 300 steps of 64 images per source domain, validation every 60 steps,
+DomainBed's MLP featurizer (ITTA, which reads a backbone's stages: the MNIST CNN), Rotated
+MNIST with 75 degrees held out, or trained on 30 degrees alone and tested on the other five
+(single-source); about 3 hours on 2 CPU cores, most of it ITTA's and UDIM's second-order
+steps. ``--quick``: 2 seeds, 12 steps, 2 validation and test batches, a smoke run of the
+whole pipeline whose figures mean nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from averaging_evidence import source_batch
+
+QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+SINGLE_SOURCE = "0,15,45,60,75"  # held out: every rotation but 30
+
+
+@dataclass(frozen=True)
+class Budget:
+    seeds: tuple[int, ...]
+    steps: int
+    val_every: int
+    limits: tuple[str, ...] = ()
+
+    def fit_args(self, backbone: str = "mlp") -> list[str]:
+        return ["--data", "rotated_mnist", "--model.backbone", backbone, "--data.batch_size", "64",
+                "--trainer.max_steps", str(self.steps), "--trainer.max_epochs", "-1",
+                "--trainer.val_check_interval", str(self.val_every),
+                "--trainer.check_val_every_n_epoch", "null", *self.limits, *QUIET]
+
+
+FULL = Budget((0, 1, 2), 300, 60)
+QUICK = Budget((0, 1), 12, 6, ("--trainer.limit_val_batches", "2", "--trainer.limit_test_batches", "2"))
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """One ``dgkit sweep`` (its folder under the claims' directory) and its runs' options."""
+
+    name: str
+    algos: tuple[str, ...]
+    test_domain: str
+    backbone: str = "mlp"
+    options: tuple[str, ...] = ()
+
+    def run(self, root: Path, budget: Budget) -> Path:
+        folder = root / self.name
+        folder.mkdir(parents=True, exist_ok=True)
+        argv = ["dgkit", "sweep", "--dir", str(folder), "--algos", *self.algos, "--test-domains",
+                self.test_domain, "--seeds", *map(str, budget.seeds), "--",
+                *budget.fit_args(self.backbone), *self.options]
+        with (folder / "sweep.log").open("a") as log:  # the runs' own lines, for a failure
+            subprocess.run(argv, check=True, stdout=log, stderr=log)
+        return folder
+
+
+def tested(folder: Path, algo: str, test_domain: str, seed: int) -> tuple[Path, dict]:
+    """A sweep run's folder and its test_results.json."""
+    (run,) = (folder / algo / test_domain).glob(f"*/seed{seed}")
+    return run, json.loads((run / "runs" / "version_0" / "test_results.json").read_text())
+
+
+def accuracy(results: dict, key: str = "accuracy") -> float:
+    return 100 * results["average"][key]
+
+
+@dataclass(frozen=True)
+class Claim:
+    name: str
+    paper: str
+    setting: str
+    baseline: str
+    method: str
+    sweeps: tuple[Sweep, ...]
+    #: per seed: (baseline value, method value), from the sweeps' folders
+    measure: Callable[[dict[str, Path], int], tuple[float, float]]
+    kind: str = "higher"  # "higher", "not worse" or "lower" (for the method)
+    unit: str = "%"
+    notes: tuple[str, ...] = field(default=())
+
+
+def _pair(sweep: str, baseline: str, method: str, test_domain: str = "75") -> Callable:
+    def measure(folders: dict[str, Path], seed: int) -> tuple[float, float]:
+        return (accuracy(tested(folders[sweep], baseline, test_domain, seed)[1]),
+                accuracy(tested(folders[sweep], method, test_domain, seed)[1]))
+    return measure
+
+
+def _sharpness(folders: dict[str, Path], seed: int) -> tuple[float, float]:
+    from dgkit.module import DGModule
+    from dgkit.sharpness import worst_case_sharpness
+
+    out = []
+    for algo in ("erm", "sam"):
+        run, results = tested(folders["multi"], algo, "75", seed)
+        checkpoint = run / results["ckpt_path"]
+        module = DGModule.load_from_checkpoint(checkpoint, map_location="cpu", averaging=None)
+        x, y = source_batch(checkpoint)
+        out.append(worst_case_sharpness(module.algorithm, x, y, rho=0.05))
+    return out[0], out[1]
+
+
+def _itta(folders: dict[str, Path], seed: int) -> tuple[float, float]:
+    results = tested(folders["itta"], "itta", "75", seed)[1]
+    return accuracy(results, "accuracy (no adaptation)"), accuracy(results)
+
+
+def _drm(folders: dict[str, Path], seed: int) -> tuple[float, float]:
+    results = tested(folders["drm"], "drm", "75", seed)[1]["domains"]["75"]
+    heads = [v for k, v in results.items() if k.startswith("accuracy_head")]
+    return 100 * max(heads), 100 * results["accuracy"]
+
+
+def _swad(folders: dict[str, Path], seed: int) -> tuple[float, float]:
+    results = tested(folders["swad"], "erm", "75", seed)[1]
+    return accuracy(results, "accuracy (last iterate)"), accuracy(results)
+
+
+def _t3a(folders: dict[str, Path], seed: int) -> tuple[float, float]:
+    run, results = tested(folders["multi"], "erm", "75", seed)
+    checkpoint = run / results["ckpt_path"]
+    adapted = run / "runs" / "version_0" / f"test-{checkpoint.stem}-t3a" / "test_results.json"
+    if not adapted.exists():
+        subprocess.run(["dgkit", "test", "--ckpt_path", str(checkpoint), "--tta", "t3a", *QUIET],
+                       cwd=run, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return accuracy(results), accuracy(json.loads(adapted.read_text()))
+
+
+MULTI = Sweep("multi", ("erm", "sam"), "75")
+CLAIMS = [
+    Claim("sam_flatter", "SAM converges to flatter minima than ERM (Foret et al., ICLR 2021)",
+          "rho-sharpness (loss rise at SAM's worst point, rho 0.05) on 1,024 source images, "
+          "tested checkpoint", "ERM", "SAM", (MULTI,), _sharpness, kind="lower", unit=""),
+    Claim("sam_not_worse", "SAM generalizes at least as well as ERM out of domain (Foret et al.)",
+          "multi-source, 75 held out", "ERM", "SAM", (MULTI,), _pair("multi", "erm", "sam"),
+          kind="not worse"),
+    Claim("sam_single_source", "SAM is not worse than ERM in single-source DG (Shin et al., ICLR 2024)",
+          "trained on 30, tested on the other five", "ERM", "SAM",
+          (Sweep("single", ("erm", "sam", "udim"), SINGLE_SOURCE),),
+          _pair("single", "erm", "sam", SINGLE_SOURCE), kind="not worse"),
+    Claim("udim_single_source", "UDIM > SAM in single-source DG (Shin et al., ICLR 2024)",
+          "trained on 30, tested on the other five", "SAM", "UDIM",
+          (Sweep("single", ("erm", "sam", "udim"), SINGLE_SOURCE),),
+          _pair("single", "sam", "udim", SINGLE_SOURCE)),
+    Claim("itta_test_time", "ITTA's test-time updates raise accuracy (Chen et al., CVPR 2023)",
+          "multi-source, 75 held out, MNIST CNN; the same runs with and without adaptation",
+          "no adaptation", "ITTA", (Sweep("itta", ("itta",), "75", "mnist_cnn"),), _itta),
+    Claim("drm_routing", "DRM's routed prediction is at least as good as its best head (Zhang et al.)",
+          "multi-source, 75 held out; best head chosen on the test domain (an oracle)",
+          "best head", "routed", (Sweep("drm", ("drm",), "75"),), _drm, kind="not worse"),
+    Claim("swad_vs_last", "SWAD's average generalizes better than the last iterate (Cha et al., 2021)",
+          "multi-source, 75 held out; the same runs' average and last iterate", "last iterate",
+          "SWAD", (Sweep("swad", ("erm",), "75", options=("--model.averaging", "swad")),), _swad),
+    Claim("t3a_gain", "T3A raises a trained model's accuracy at test time (Iwasawa & Matsuo, 2021)",
+          "ERM checkpoints of the multi-source runs, `dgkit test --tta t3a`", "ERM", "ERM + T3A",
+          (MULTI,), _t3a),
+]
+
+
+def verdict(kind: str, d: float, se: float) -> str:
+    if kind == "lower":
+        d = -d
+    if kind == "not worse":
+        return "holds" if d >= -se else "contradicted"
+    if abs(d) <= se or math.isnan(se):
+        return "within noise"
+    return "holds" if d > 0 else "contradicted"
+
+
+def mean_se(values: list[float]) -> tuple[float, float]:
+    se = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else float("nan")
+    return statistics.mean(values), se
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dir", required=True, type=Path)
+    parser.add_argument("--quick", action="store_true", help="2 seeds, 12 steps: a smoke run")
+    parser.add_argument("--claims", nargs="+", choices=[c.name for c in CLAIMS])
+    args = parser.parse_args()
+    budget = QUICK if args.quick else FULL
+    claims = [c for c in CLAIMS if not args.claims or c.name in args.claims]
+    torch.set_grad_enabled(True)
+
+    print(f"Rotated MNIST (embedded); seeds {' '.join(map(str, budget.seeds))}, {budget.steps} steps, "
+          f"validation every {budget.val_every}; mean ± standard error over seeds, accuracy in %")
+    print("| claim | paper | setting | baseline | method | method - baseline | verdict |\n"
+          "|---|---|---|---|---|---|---|")
+    folders: dict[str, Path] = {}
+    for claim in claims:
+        for sweep in claim.sweeps:
+            if sweep.name not in folders:
+                folders[sweep.name] = sweep.run(args.dir, budget)
+        pairs = [claim.measure(folders, s) for s in budget.seeds]
+        (b, bse), (m, mse) = mean_se([p[0] for p in pairs]), mean_se([p[1] for p in pairs])
+        d, dse = mean_se([p[1] - p[0] for p in pairs])
+        digits = 2 if claim.unit == "%" else 4
+        print(f"| {claim.name} | {claim.paper} | {claim.setting} | {claim.baseline} {b:.{digits}f} ± "
+              f"{bse:.{digits}f} | {claim.method} {m:.{digits}f} ± {mse:.{digits}f} | {d:+.{digits}f} ± "
+              f"{dse:.{digits}f} | {verdict(claim.kind, d, dse)} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
