@@ -9,7 +9,7 @@ error; for "not worse" claims: it is not below minus its standard error), ``with
 or ``contradicted``. Runs already in ``--dir`` are reused, so a stopped run resumes.
 
 Budget (full): 3 seeds, 300 steps of 64 images per source domain, validation every 60 steps,
-DomainBed's MLP featurizer (ITTA, which reads a backbone's stages: the MNIST CNN), Rotated
+dgkit's `mlp` featurizer (ITTA, which reads a backbone's stages: the MNIST CNN), Rotated
 MNIST with 75 degrees held out, or trained on 30 degrees alone and tested on the other five
 (single-source); about 3 hours on 2 CPU cores, most of it ITTA's and UDIM's second-order
 steps. ``--quick``: 2 seeds, 12 steps, 2 validation and test batches, a smoke run of the

@@ -6,8 +6,8 @@
 
 The defaults fit 2 CPU cores in a few hours: DomainBed's default hyperparameters only
 (``--random 1``: setting 0 of its search), 2 trials, at most 300 steps and 15 epochs (150
-steps at DomainBed's batch size of 64, which is where the runs stop), DomainBed's MLP
-featurizer instead of its MNIST CNN (MIRO, which reads a backbone's stages, gets the CNN),
+steps at DomainBed's batch size of 64, which is where the runs stop), dgkit's `mlp`
+featurizer instead of DomainBed's MNIST CNN (MIRO, which reads a backbone's stages, gets the CNN),
 every held-out domain; ``--jobs J`` runs J sweeps side by side, each on its share of the
 algorithms with one CPU thread per run. DomainBed's own runs: 20 random settings,
 3 trials, 5,000 steps, the MNIST CNN, on all 70,000 MNIST digits; the embedded data sets

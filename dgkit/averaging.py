@@ -119,7 +119,7 @@ class Averaging(Callback, ResultsContributor):
         """The ``AveragedModel`` update over all parameters at once (here the running mean).
         Passed explicitly because without one ``AveragedModel`` takes foreach kernels only on
         accelerators and on CPU loops over the parameters in Python: 2 ms against 0.2 ms per
-        update for DomainBed's MLP."""
+        update of dgkit's `mlp`."""
         return get_swa_multi_avg_fn()
 
     def update(self, algorithm: nn.Module, step: int) -> None:

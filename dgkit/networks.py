@@ -49,7 +49,10 @@ class MNISTCNN(nn.Module):
 
 
 class MLP(nn.Module):
-    """DomainBed's ``MLP`` featurizer on flattened inputs (for tabular data and quick tests)."""
+    """An MLP featurizer on flattened inputs (for tabular data and quick tests): ``depth - 1``
+    Linear+ReLU layers of ``width``. DomainBed's ``MLP`` at the same depth has one more
+    Linear layer at the end, without ReLU (it composes linearly with the classifier), so
+    the two are not the same network."""
 
     def __init__(self, n_inputs: int, width: int = 256, depth: int = 3):
         super().__init__()
