@@ -11,9 +11,11 @@ or ``contradicted``. Runs already in ``--dir`` are reused, so a stopped run resu
 Budget (full): 3 seeds, 300 steps of 64 images per source domain, validation every 60 steps,
 dgkit's `mlp` featurizer (ITTA, which reads a backbone's stages: the MNIST CNN), Rotated
 MNIST with 75 degrees held out, or trained on 30 degrees alone and tested on the other five
-(single-source); about 3 hours on 2 CPU cores, most of it ITTA's and UDIM's second-order
-steps. ``--quick``: 2 seeds, 12 steps, 2 validation and test batches, a smoke run of the
-whole pipeline whose figures mean nothing.
+(single-source), or trained on 0-30 and tested on 45-75 (AdaNPC's drift); Colored MNIST with
+-90% held out (Bonsai; DivDis and D-BAT with a 50% domain as their unlabeled pool); about 3.5
+hours on 2 CPU cores, most of it ITTA's and UDIM's second-order steps. ``--quick``: 2 seeds,
+12 steps, 2 validation and test batches, a smoke run of the whole pipeline whose figures
+mean nothing.
 """
 
 from __future__ import annotations
@@ -44,8 +46,8 @@ class Budget:
     val_every: int
     limits: tuple[str, ...] = ()
 
-    def fit_args(self, backbone: str = "mlp") -> list[str]:
-        return ["--data", "rotated_mnist", "--model.backbone", backbone, "--data.batch_size", "64",
+    def fit_args(self, backbone: str = "mlp", data: str = "rotated_mnist") -> list[str]:
+        return ["--data", data, "--model.backbone", backbone, "--data.batch_size", "64",
                 "--trainer.max_steps", str(self.steps), "--trainer.max_epochs", "-1",
                 "--trainer.val_check_interval", str(self.val_every),
                 "--trainer.check_val_every_n_epoch", "null", *self.limits, *QUIET]
@@ -64,13 +66,14 @@ class Sweep:
     test_domain: str
     backbone: str = "mlp"
     options: tuple[str, ...] = ()
+    data: str = "rotated_mnist"
 
     def run(self, root: Path, budget: Budget) -> Path:
         folder = root / self.name
         folder.mkdir(parents=True, exist_ok=True)
-        argv = ["dgkit", "sweep", "--dir", str(folder), "--algos", *self.algos, "--test-domains",
-                self.test_domain, "--seeds", *map(str, budget.seeds), "--",
-                *budget.fit_args(self.backbone), *self.options]
+        argv = ["dgkit", "sweep", "--dir", str(folder), "--algos", *self.algos,
+                f"--test-domains={self.test_domain}", "--seeds", *map(str, budget.seeds), "--",
+                *budget.fit_args(self.backbone, self.data), *self.options]
         with (folder / "sweep.log").open("a") as log:  # the runs' own lines, for a failure
             subprocess.run(argv, check=True, stdout=log, stderr=log)
         return folder
@@ -95,20 +98,20 @@ class Claim:
     method: str
     sweeps: tuple[Sweep, ...]
     #: per seed: (baseline value, method value), from the sweeps' folders
-    measure: Callable[[dict[str, Path], int], tuple[float, float]]
+    measure: Callable[[dict[str, Path], int, Budget], tuple[float, float]]
     kind: str = "higher"  # "higher", "not worse" or "lower" (for the method)
     unit: str = "%"
     notes: tuple[str, ...] = field(default=())
 
 
 def _pair(sweep: str, baseline: str, method: str, test_domain: str = "75") -> Callable:
-    def measure(folders: dict[str, Path], seed: int) -> tuple[float, float]:
+    def measure(folders: dict[str, Path], seed: int, budget: Budget) -> tuple[float, float]:
         return (accuracy(tested(folders[sweep], baseline, test_domain, seed)[1]),
                 accuracy(tested(folders[sweep], method, test_domain, seed)[1]))
     return measure
 
 
-def _sharpness(folders: dict[str, Path], seed: int) -> tuple[float, float]:
+def _sharpness(folders: dict[str, Path], seed: int, budget: Budget) -> tuple[float, float]:
     from dgkit.module import DGModule
     from dgkit.sharpness import worst_case_sharpness
 
@@ -122,23 +125,26 @@ def _sharpness(folders: dict[str, Path], seed: int) -> tuple[float, float]:
     return out[0], out[1]
 
 
-def _itta(folders: dict[str, Path], seed: int) -> tuple[float, float]:
-    results = tested(folders["itta"], "itta", "75", seed)[1]
-    return accuracy(results, "accuracy (no adaptation)"), accuracy(results)
+def _itta_like(sweep: str, test_domain: str = "75") -> Callable:
+    """The same run's test accuracy without and with its algorithm's test-time stage."""
+    def measure(folders: dict[str, Path], seed: int, budget: Budget) -> tuple[float, float]:
+        results = tested(folders[sweep], sweep, test_domain, seed)[1]
+        return accuracy(results, "accuracy (no adaptation)"), accuracy(results)
+    return measure
 
 
-def _drm(folders: dict[str, Path], seed: int) -> tuple[float, float]:
+def _drm(folders: dict[str, Path], seed: int, budget: Budget) -> tuple[float, float]:
     results = tested(folders["drm"], "drm", "75", seed)[1]["domains"]["75"]
     heads = [v for k, v in results.items() if k.startswith("accuracy_head")]
     return 100 * max(heads), 100 * results["accuracy"]
 
 
-def _swad(folders: dict[str, Path], seed: int) -> tuple[float, float]:
+def _swad(folders: dict[str, Path], seed: int, budget: Budget) -> tuple[float, float]:
     results = tested(folders["swad"], "erm", "75", seed)[1]
     return accuracy(results, "accuracy (last iterate)"), accuracy(results)
 
 
-def _t3a(folders: dict[str, Path], seed: int) -> tuple[float, float]:
+def _t3a(folders: dict[str, Path], seed: int, budget: Budget) -> tuple[float, float]:
     run, results = tested(folders["multi"], "erm", "75", seed)
     checkpoint = run / results["ckpt_path"]
     adapted = run / "runs" / "version_0" / f"test-{checkpoint.stem}-t3a" / "test_results.json"
@@ -148,6 +154,28 @@ def _t3a(folders: dict[str, Path], seed: int) -> tuple[float, float]:
     return accuracy(results), accuracy(json.loads(adapted.read_text()))
 
 
+def _bonsai_init(folders: dict[str, Path], seed: int, budget: Budget) -> tuple[float, float]:
+    """ERM from scratch (the sweep's run) against ERM initialized from the same seed's Bonsai
+    checkpoint (``--model.init_from``), trained for the same steps."""
+    scratch = accuracy(tested(folders["bonsai"], "erm", "-90%", seed)[1])
+    run, results = tested(folders["bonsai"], "bonsai", "-90%", seed)
+    folder = run / "erm-init"
+    found = list(folder.glob("runs/version_*/test_results.json"))
+    if not found:
+        folder.mkdir(exist_ok=True)
+        subprocess.run(["dgkit", "fit", "--algo", "erm", *budget.fit_args("mlp", "colored_mnist"),
+                        "--data.test_domains", "[-90%]", "--seed_everything", str(seed),
+                        "--model.init_from", str(run / results["ckpt_path"]),
+                        "--trainer.default_root_dir", "runs"],
+                       cwd=folder, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        found = list(folder.glob("runs/version_*/test_results.json"))
+    return scratch, accuracy(json.loads(found[0].read_text()))
+
+
+#: DomainBed's Colored MNIST with a fourth domain whose colour says nothing (50%), the
+#: unlabeled pool DivDis and D-BAT diversify on; trained on +90% and +80%, tested on -90%
+DIVERSIFY = ("--data.dataset.color_agreement", "[0.9, 0.8, 0.5, 0.1]", "--data.unlabeled", "domains",
+             "--data.unlabeled_domains", "[50%]")
 MULTI = Sweep("multi", ("erm", "sam"), "75")
 CLAIMS = [
     Claim("sam_flatter", "SAM converges to flatter minima than ERM (Foret et al., ICLR 2021)",
@@ -166,7 +194,7 @@ CLAIMS = [
           _pair("single", "sam", "udim", SINGLE_SOURCE)),
     Claim("itta_test_time", "ITTA's test-time updates raise accuracy (Chen et al., CVPR 2023)",
           "multi-source, 75 held out, MNIST CNN; the same runs with and without adaptation",
-          "no adaptation", "ITTA", (Sweep("itta", ("itta",), "75", "mnist_cnn"),), _itta),
+          "no adaptation", "ITTA", (Sweep("itta", ("itta",), "75", "mnist_cnn"),), _itta_like("itta")),
     Claim("drm_routing", "DRM's routed prediction is at least as good as its best head (Zhang et al.)",
           "multi-source, 75 held out; best head chosen on the test domain (an oracle)",
           "best head", "routed", (Sweep("drm", ("drm",), "75"),), _drm, kind="not worse"),
@@ -176,6 +204,24 @@ CLAIMS = [
     Claim("t3a_gain", "T3A raises a trained model's accuracy at test time (Iwasawa & Matsuo, 2021)",
           "ERM checkpoints of the multi-source runs, `dgkit test --tta t3a`", "ERM", "ERM + T3A",
           (MULTI,), _t3a),
+    Claim("adanpc_drift", "AdaNPC's memory, absorbing the test stream, raises accuracy on unseen "
+          "domains over its base model (Zhang et al., ICML 2023)",
+          "trained on 0, 15, 30; tested on 45, 60, 75 (one stream per domain, the memory growing "
+          "along it); the same runs with and without the test-time stage", "no adaptation",
+          "AdaNPC", (Sweep("adanpc", ("adanpc",), "45,60,75"),), _itta_like("adanpc", "45,60,75")),
+    Claim("diversify_shape", "DivDis finds a head that does not use the shortcut (Lee et al., ICLR 2023)",
+          "Colored MNIST +90%/+80%, 50% unlabeled, -90% held out; the head its selection picks",
+          "ERM", "DivDis", (Sweep("diversify", ("erm", "divdis", "dbat"), "-90%", options=DIVERSIFY,
+                                  data="colored_mnist"),), _pair("diversify", "erm", "divdis", "-90%")),
+    Claim("dbat_shape", "D-BAT finds a head that does not use the shortcut (Pagliardini et al., "
+          "ICLR 2023)", "as diversify_shape", "ERM", "D-BAT",
+          (Sweep("diversify", ("erm", "divdis", "dbat"), "-90%", options=DIVERSIFY, data="colored_mnist"),),
+          _pair("diversify", "erm", "dbat", "-90%")),
+    Claim("bonsai_init", "ERM from a Bonsai (RFC) representation beats ERM from scratch out of "
+          "domain (Zhang et al., ICML 2022)", "Colored MNIST, -90% held out; Bonsai's stages split "
+          "the steps evenly, then ERM for the same steps from its checkpoint", "ERM (random init)",
+          "ERM (Bonsai init)", (Sweep("bonsai", ("erm", "bonsai"), "-90%", data="colored_mnist"),),
+          _bonsai_init),
 ]
 
 
@@ -205,8 +251,9 @@ def main() -> None:
     claims = [c for c in CLAIMS if not args.claims or c.name in args.claims]
     torch.set_grad_enabled(True)
 
-    print(f"Rotated MNIST (embedded); seeds {' '.join(map(str, budget.seeds))}, {budget.steps} steps, "
-          f"validation every {budget.val_every}; mean ± standard error over seeds, accuracy in %")
+    print(f"Embedded Rotated and Colored MNIST; seeds {' '.join(map(str, budget.seeds))}, "
+          f"{budget.steps} steps, validation every {budget.val_every}; mean ± standard error over "
+          "seeds, accuracy in %")
     print("| claim | paper | setting | baseline | method | method - baseline | verdict |\n"
           "|---|---|---|---|---|---|---|")
     folders: dict[str, Path] = {}
@@ -214,7 +261,7 @@ def main() -> None:
         for sweep in claim.sweeps:
             if sweep.name not in folders:
                 folders[sweep.name] = sweep.run(args.dir, budget)
-        pairs = [claim.measure(folders, s) for s in budget.seeds]
+        pairs = [claim.measure(folders, s, budget) for s in budget.seeds]
         (b, bse), (m, mse) = mean_se([p[0] for p in pairs]), mean_se([p[1] for p in pairs])
         d, dse = mean_se([p[1] - p[0] for p in pairs])
         digits = 2 if claim.unit == "%" else 4
