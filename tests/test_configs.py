@@ -50,3 +50,12 @@ def test_slurm_templates_requeue_and_their_command_parses(path, capsys, monkeypa
     assert exit_info.value.code in (0, None)
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["trainer"]["num_nodes"] == nodes and printed["trainer"]["strategy"] == "ddp"
+
+
+def test_embedded_configs_cover_both_embedded_data_sets():
+    rotated = {p.stem for p in CONFIGS if p.parent.name == "rotated_mnist"}
+    colored = {p.stem for p in CONFIGS if p.parent.name == "colored_mnist"}
+    assert rotated == colored and {"erm", "sam", "coral", "irm", "miro", "adanpc", "drm"} <= rotated
+    for path in [p for p in CONFIGS if p.parent.parent.name == "embedded"]:
+        text = path.read_text()  # the header records the search it came from and its figures
+        assert "# The search: " in text and "held-out" in text

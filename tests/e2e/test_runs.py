@@ -129,3 +129,13 @@ def test_max_steps_decides_unless_the_epochs_are_asked_for_too(tmp_path):
     both = dgkit(*fast, "--trainer.max_steps=40", "--trainer.max_epochs=1", "--resume=false", cwd=tmp_path)
     assert both.code == 0, both.text[-3000:]
     assert "`Trainer.fit` stopped: `max_epochs=1` reached." in both.text
+
+
+def test_a_shipped_embedded_config_runs_as_its_header_says(tmp_path):
+    config = Path(__file__).parents[2] / "configs" / "embedded" / "colored_mnist" / "coral.yaml"
+    assert "dgkit fit --config configs/embedded/colored_mnist/coral.yaml" in config.read_text()
+    result = dgkit("fit", "--config", str(config), "--trainer.max_steps=3", *QUIET, cwd=tmp_path)
+    assert result.code == 0, result.text[-3000:]
+    assert "│ -90% " in result.out  # the data set's default held-out domain
+    tested = results(tmp_path / "runs" / "version_0")
+    assert "-90%" in tested["domains"], tested
