@@ -33,6 +33,25 @@ def test_rotated_mnist_domains_are_disjoint_slices_of_real_digits():
     assert corr(TF.rotate(mean0, 75.0), mean75) > corr(mean0, mean75) + 0.1
 
 
+def test_styled_mnist_domains_carry_their_style():
+    from dgkit.data.mnist import StyledMNIST
+
+    ds = StyledMNIST()
+    assert ds.domains == ("clean", "blur", "low_contrast", "noise", "inverted")
+    x = {name: ds.domain_dataset(i).tensors[0] for i, name in enumerate(ds.domains)}
+    assert sum(len(v) for v in x.values()) == 5000 and all(v.shape[1:] == (1, 28, 28) for v in x.values())
+    assert all(0 <= v.min() and v.max() <= 1 for v in x.values())
+
+    def roughness(v):  # mean absolute difference of neighbouring pixels
+        return (v[..., 1:] - v[..., :-1]).abs().mean().item()
+
+    assert roughness(x["blur"]) < 0.6 * roughness(x["clean"])
+    assert roughness(x["noise"]) > 2 * roughness(x["clean"])
+    assert x["low_contrast"].std() < 0.35 * x["clean"].std()
+    assert x["inverted"].mean() > 0.8 > 0.2 > x["clean"].mean()  # white digits become dark ones
+    assert torch.equal(StyledMNIST().domain_dataset(3).tensors[0], x["noise"])  # seeded
+
+
 def test_colored_mnist_has_the_domainbed_correlations():
     ds = ColoredMNIST()
     for env, (expected_color_agreement) in enumerate((0.9, 0.8, 0.1)):

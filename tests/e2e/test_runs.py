@@ -139,3 +139,11 @@ def test_a_shipped_embedded_config_runs_as_its_header_says(tmp_path):
     assert "│ -90% " in result.out  # the data set's default held-out domain
     tested = results(tmp_path / "runs" / "version_0")
     assert "-90%" in tested["domains"], tested
+
+
+def test_styled_mnist_trains_and_holds_out_the_inverted_digits(tmp_path):
+    result = dgkit("fit", "--data", "styled_mnist", "--trainer.max_steps=3", *QUIET, cwd=tmp_path)
+    assert result.code == 0, result.text[-3000:]
+    assert "trained on clean, blur, low_contrast, noise;" in result.out and "│ inverted " in result.out
+    tested = results(tmp_path / "runs" / "version_0")
+    assert "inverted" in tested["domains"], tested
