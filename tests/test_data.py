@@ -106,7 +106,7 @@ def test_one_minibatch_per_source_domain_per_step():
     dm.setup("fit")
     loader = dm.train_dataloader()
     iter(loader)
-    batch, _, _ = next(iter(loader))
+    batch = next(iter(loader))
     assert len(batch) == 2  # two source environments
     assert all(x.shape == (8, 2, 28, 28) and y.shape == (8,) for x, y in batch)
 

@@ -23,10 +23,10 @@ TASK = make_task((2, 28, 28), 2, unlabeled="source_holdout")
 def test_unlabeled_target_stream_has_no_labels_and_never_the_test_images():
     data = DomainDataModule(ColoredMNIST(), batch_size=8, unlabeled="target")
     data.setup("fit")
-    batch, _, _ = next(iter(data.train_dataloader()))
+    batch = next(iter(data.train_dataloader()))
     assert len(batch["sources"]) == 2 and torch.is_tensor(batch["unlabeled"])
     assert batch["unlabeled"].shape == (16, 2, 28, 28)  # images only, batch of the labelled size
-    seeded = data.train_dataloader().iterables["unlabeled"].dataset
+    seeded = data.train_dataloader().dataset.streams[-1]  # the unlabeled pool, last
     (unlabeled,) = seeded.data.data.datasets  # Seeded(ImagesOnly(ConcatDataset([...])))
     test_subset = data.splits[data.test_indices[0]][0]
     assert unlabeled is data.splits[data.test_indices[0]][1]  # the oracle split, not the test one

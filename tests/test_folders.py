@@ -50,7 +50,7 @@ def test_lists_every_domain_with_shared_class_indices(officehome_root):
 def test_datamodule_augments_training_splits_only(officehome_root):
     dm = DomainDataModule(OfficeHome(root=str(officehome_root), image_size=32), batch_size=4)
     dm.setup("fit")
-    batch, _, _ = next(iter(dm.train_dataloader()))
+    batch = next(iter(dm.train_dataloader()))
     assert len(batch) == 3 and batch[0][0].shape == (4, 3, 32, 32)
     x1 = next(iter(dm.val_dataloader()[0]))[0]
     x2 = next(iter(dm.val_dataloader()[0]))[0]
@@ -113,7 +113,7 @@ def test_crafted_shifts_apply_to_decoded_images_before_the_pipeline(officehome_r
     dm = DomainDataModule(OfficeHome(root=str(officehome_root), image_size=32), batch_size=4,
                           unlabeled="crafted", unlabeled_shifts=["geometric"])
     dm.setup("fit")
-    batch, _, _ = next(iter(dm.train_dataloader()))
+    batch = next(iter(dm.train_dataloader()))
     assert batch["unlabeled"].shape == (12, 3, 32, 32) and batch["unlabeled"].dtype == torch.float32
 
 

@@ -50,13 +50,13 @@ def test_crafted_unlabeled_stream_is_source_holdout_under_each_shift():
     data = DomainDataModule(ColoredMNIST(), batch_size=8, unlabeled="crafted",
                             unlabeled_shifts=["color", "B"])
     data.setup("fit")
-    pool = data.train_dataloader().iterables["unlabeled"].dataset.data.data.datasets  # Seeded(ImagesOnly)
+    pool = data.train_dataloader().dataset.streams[-1].data.data.datasets  # Seeded(ImagesOnly(Concat))
     assert len(pool) == len(data.source_indices) * 6
     holdouts = [data.splits[i][1] for i in data.source_indices]
     assert all(any(p.data is h for h in holdouts) for p in pool)  # never a target image
     assert {p.category for p in pool} == {"color", *FOLDS["B"]}
     assert not data.task.transductive
-    batch, _, _ = next(iter(data.train_dataloader()))
+    batch = next(iter(data.train_dataloader()))
     assert batch["unlabeled"].shape == (16, 2, 28, 28)
     with pytest.raises(ConfigError, match=r"data\.unlabeled_shifts"):
         DomainDataModule(ColoredMNIST(), unlabeled="target", unlabeled_shifts=["blur"])

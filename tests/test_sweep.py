@@ -88,7 +88,7 @@ def test_a_fold_seen_in_training_never_validates():
     data = DomainDataModule(RotatedMNIST(), crafted_training=["A"], crafted_validation=["B"], batch_size=8)
     assert data.task.stages["crafted"] == ("convolutional", "edges", "geometric", "segmentation", "weather")
     data.setup("fit")
-    batch, _, _ = next(iter(data.train_dataloader()))
+    batch = next(iter(data.train_dataloader()))
     assert batch[0][0].shape == (8, 1, 28, 28)
 
 

@@ -91,7 +91,7 @@ def test_camelyon_splits_domains_and_official_evaluation(camelyon_root):
     train = dm.official_train
     assert len(train) == 3 * 18 and set(train.domains.tolist()) == {0, 1, 2}
     assert [len(s) for s in dm.official_streams["ood_val"]] == [24]
-    batch, _, _ = next(iter(dm.train_dataloader()))
+    batch = next(iter(dm.train_dataloader()))
     x, y, d = batch["mixed"]
     assert x.shape == (8, 3, 32, 32) and d.dtype == torch.long
     x, y, metadata = next(iter(dm.test_dataloader()[0]))
@@ -158,7 +158,7 @@ def test_crafted_shifts_and_heldout_tracking_on_official_splits(camelyon_root):
     assert not torch.equal(clean[0], edged[0])
     heldout, test = next(iter(loaders[4])), next(iter(dm.test_dataloader()[0]))
     assert torch.equal(heldout[0], test[0])
-    x, _, domains = next(iter(dm.train_dataloader()))[0]["mixed"]
+    x, _, domains = next(iter(dm.train_dataloader()))["mixed"]
     assert x.shape == (8, 3, 32, 32) and domains.dtype == torch.long
     mixed = dm._training_split(0)
     assert [s.category for s in mixed.shifted] == ["color"] and mixed.data is dm.official_train

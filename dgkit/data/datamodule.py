@@ -17,13 +17,13 @@ from typing import Any, Literal
 
 import torch
 from lightning import LightningDataModule
-from lightning.pytorch.utilities import CombinedLoader
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 
 from dgkit.data.base import MultiDomainDataset
 from dgkit.data.mnist import RotatedMNIST
 from dgkit.data.resumable import ResumableSampler, Seeded
 from dgkit.data.shifts import FOLDS, MixedShifts, ShiftedDataset, resolve_categories
+from dgkit.data.steps import Layout, StepData, StepSampler
 from dgkit.data.streams import label_shifted, mixed
 from dgkit.data.wilds_sets import check_no_domain_options
 from dgkit.errors import ConfigError, check_choice
@@ -113,11 +113,13 @@ class DomainDataModule(LightningDataModule):
             split_seed: seed of the in/out splits; fixed so runs compare on the same data.
             oracle: also evaluate the held-out *out* split of target domains every
                 validation (logged as ``oracle/*``, for test-domain oracle selection).
-            num_workers: DataLoader worker processes per loader. Default: none for data
-                sets held in memory as tensors (the embedded MNIST domains, where workers
-                only add copying); otherwise one per CPU core this device's process can
-                spare, up to 8 (image files: decoding and augmentation run there).
-                Training loaders keep their workers between epochs.
+            num_workers: DataLoader worker processes per loader: the training loader (one
+                for all source domains and the unlabeled pool: a worker loads a whole step)
+                and each evaluation stream's. Default: none for data sets held in memory as
+                tensors (the embedded MNIST domains, where workers only add copying);
+                otherwise one per CPU core this device's process can spare, up to 8 (image
+                files: decoding and augmentation run there). The training loader keeps its
+                workers between epochs.
             pin_memory: pin host memory for faster copies to the GPU. Default: when
                 training on a GPU.
             shuffle: reshuffle training data every epoch (off: a fixed order, which makes
@@ -224,7 +226,7 @@ class DomainDataModule(LightningDataModule):
         self.official_train: Dataset | None = None
         self.official_streams: dict[str, list[Dataset]] = {}
         self._crafted_training: dict[int, Dataset] = {}
-        self._samplers: list[ResumableSampler] = []
+        self._sampler: StepSampler | None = None
         self._resume_at: dict[str, int] | None = None
         # Under the CLI the hparams are the parsed config (the data set as a class path), which
         # lets `dgkit test --ckpt_path` rebuild the data; a bare object would be pickled.
@@ -302,25 +304,30 @@ class DomainDataModule(LightningDataModule):
         fn = self.dataset.transform(train)
         return data if fn is None else Transformed(data, fn)
 
-    def _loader(self, data: Dataset, batch_size: int, train: bool, key: int = 0) -> DataLoader:
-        sampler = None
-        if train:
-            # Order and augmentation as functions of (seed, epoch, pass, position), never of
-            # the global RNG, so a resumed run draws what the uninterrupted one would have;
-            # under DDP each rank takes its share, as DistributedSampler(drop_last) does.
-            trainer = self.trainer
-            rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-            sampler = ResumableSampler(len(data), batch_size, shuffle=self.shuffle,
-                                       seed=torch.initial_seed(), key=key, rank=rank, world_size=world)
-            self._samplers.append(sampler)
-            data = Seeded(data)
+    def _loader(self, data: Dataset) -> DataLoader:
+        """An evaluation stream's loader: its samples in order."""
         # Its own generator: making an iterator draws a worker seed, which would otherwise
         # come from the global RNG and shift dropout and the like by when evaluations ran.
+        return DataLoader(self._view(data, False), batch_size=self.eval_batch_size,
+                          num_workers=self.workers, pin_memory=self.pins_memory,
+                          generator=torch.Generator().manual_seed(0))
+
+    def _training_loader(self, streams: list[tuple[Dataset, int, int]], layout: Layout) -> DataLoader:
+        """One loader for every ``(data, batch size, sampler key)`` stream of a step."""
+        # Order and augmentation as functions of (seed, epoch, pass, position), never of
+        # the global RNG, so a resumed run draws what the uninterrupted one would have;
+        # under DDP each rank takes its share, as DistributedSampler(drop_last) does.
+        trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        seed = torch.initial_seed()
+        self._sampler = StepSampler([
+            ResumableSampler(len(data), batch_size, shuffle=self.shuffle, seed=seed, key=key,
+                             rank=rank, world_size=world) for data, batch_size, key in streams])
         workers = self.workers
-        return DataLoader(data, batch_size=batch_size, sampler=sampler, drop_last=train,
-                          num_workers=workers, pin_memory=self.pins_memory,
-                          persistent_workers=train and workers > 0,
-                          generator=torch.Generator().manual_seed(key))
+        # batch_size=None: the sampler draws whole steps, which the worker collates per stream
+        return DataLoader(StepData([Seeded(data) for data, _, _ in streams], layout), batch_size=None,
+                          sampler=self._sampler, num_workers=workers, pin_memory=self.pins_memory,
+                          persistent_workers=workers > 0, generator=torch.Generator().manual_seed(0))
 
     @property
     def workers(self) -> int:
@@ -351,29 +358,23 @@ class DomainDataModule(LightningDataModule):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._resume_at = state_dict if "batches" in state_dict else None
 
-    def _position_samplers(self) -> None:
+    def train_dataloader(self) -> DataLoader:
+        loader = self._training_loaders()
         if self._resume_at is not None:
-            for sampler in self._samplers:
-                sampler.start(self._resume_at["epoch"], self._resume_at["batches"])
+            self._sampler.start(self._resume_at["epoch"], self._resume_at["batches"])
             self._resume_at = None
+        return loader
 
-    def train_dataloader(self) -> CombinedLoader:
-        self._samplers = []
-        loaders = self._training_loaders()
-        self._position_samplers()
-        return loaders
-
-    def _training_loaders(self) -> CombinedLoader:
+    def _training_loaders(self) -> DataLoader:
         if self.official:  # many domains: one shuffled stream, each sample with its domain
-            train = self._view(self._training_split(0), True)
-            return CombinedLoader({"mixed": self._loader(train, self.batch_size, True)},
-                                  mode="max_size_cycle")
+            return self._training_loader([(self._view(self._training_split(0), True), self.batch_size, 0)],
+                                         "mixed")
         # One minibatch per source domain per step; smaller domains cycle (DomainBed
         # draws each domain's batch independently).
-        loaders = [self._loader(self._view(self._training_split(i), True), self.batch_size, True, key=i)
+        sources = [(self._view(self._training_split(i), True), self.batch_size, i)
                    for i in self.source_indices]
         if self.unlabeled == "none":
-            return CombinedLoader(loaders, mode="max_size_cycle")
+            return self._training_loader(sources, "sources")
         if self.unlabeled == "domains":
             pool = [part for i in self.unlabeled_indices for part in self.splits[i]]
         elif self.unlabeled == "crafted":
@@ -383,8 +384,8 @@ class DomainDataModule(LightningDataModule):
             indices = self.test_indices if self.unlabeled == "target" else self.source_indices
             pool = [self.splits[i][1] for i in indices]
         images = ImagesOnly(self._view(ConcatDataset(pool), False))
-        unlabeled = self._loader(images, self.unlabeled_batch_size, True, key=UNLABELED_KEY)
-        return CombinedLoader({"sources": loaders, "unlabeled": unlabeled}, mode="max_size_cycle")
+        return self._training_loader([*sources, (images, self.unlabeled_batch_size, UNLABELED_KEY)],
+                                     "sources+unlabeled")
 
     def _stream_data(self, stage: str) -> list[Dataset]:
         """The data of every stream of evaluation ``stage`` (``Task.streams`` names them)."""
@@ -423,8 +424,7 @@ class DomainDataModule(LightningDataModule):
     def _eval_loaders(self, stages: list[tuple[str, int]]) -> list[DataLoader]:
         data = {stage: self._test_streams() if stage == "test" else self._stream_data(stage)
                 for stage, _ in stages}
-        return [self._loader(self._view(data[stage][i], False), self.eval_batch_size, False)
-                for stage, i in stages]
+        return [self._loader(data[stage][i]) for stage, i in stages]
 
     def val_dataloader(self) -> list[DataLoader]:
         return self._eval_loaders(self.task.validation_streams)
