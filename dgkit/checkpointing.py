@@ -2,9 +2,10 @@
 during training, and Slurm's pre-emption warning turned into a checkpoint and a requeue.
 
 - every checkpoint is written atomically and read safely (``dgkit.checkpoint_io``);
-- :class:`ResumeCheckpoint` keeps ``last.ckpt`` at most ``every_n_steps`` behind, after
-  every validation and at the end; the file holds everything an exact resume needs
-  (weights, optimizers, schedulers, loops, the data position and the RNG states).
+- :class:`ResumeCheckpoint` keeps ``last.ckpt`` at most ``every_n_steps`` (by default
+  about ten minutes) behind, after every validation and at the end; the file holds
+  everything an exact resume needs (weights, optimizers, schedulers, loops, the data
+  position and the RNG states).
 - SIGTERM and SIGINT (Ctrl-C) are acted on the same way: at the next batch boundary
   the checkpoint is written and the run stops with :class:`~dgkit.errors.RunStopped`
   (exit code 143 or 130); the same command resumes it.
@@ -21,6 +22,7 @@ import os
 import signal
 import socket
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +36,7 @@ from dgkit.errors import ConfigError, RunStopped
 RESUME_FILE = "last.ckpt"
 LOCK_FILE = ".running"  # "host pid" of the process training in a run folder
 METRICS_FILE = "metrics.csv"
+TIMED_STEPS = (5, 25)  # the steps whose time sets the interval of periodic writes
 
 
 def _count_rows(trainer: Trainer) -> int | None:
@@ -79,16 +82,26 @@ class ResumeCheckpoint(Callback):
     requeue_signal = signal.SIGUSR1  # what `#SBATCH --signal=SIGUSR1@90` sends
     stop_signals = (signal.SIGTERM, signal.SIGINT)
 
-    def __init__(self, every_n_steps: int = 50):
+    def __init__(self, every_n_steps: int | None = None, every_n_minutes: float = 10.0):
         """
         Args:
             every_n_steps: write the resume checkpoint every this many training steps
-                (besides after each validation and at the end); 0 turns the periodic
-                writes off.
+                (besides after each validation, at the end and on a signal); 0 turns the
+                periodic writes off. Default: about every ``every_n_minutes``.
+            every_n_minutes: without ``every_n_steps``, the time between periodic writes,
+                turned into a step count once, from the speed of the run's first steps
+                (rank 0's, so that every rank writes at the same step). A fixed step count
+                would write a large model's optimizer state every few seconds on an
+                accelerator.
         """
-        if every_n_steps < 0:
+        if every_n_steps is not None and every_n_steps < 0:
             raise ConfigError("last_checkpoint.every_n_steps", f"{every_n_steps}", ">= 0")
-        self.every_n_steps = every_n_steps
+        if every_n_minutes <= 0:
+            raise ConfigError("last_checkpoint.every_n_minutes", f"{every_n_minutes}",
+                              "> 0 (or --last_checkpoint.every_n_steps 0 for no periodic writes)")
+        self.every_n_steps, self.every_n_minutes = every_n_steps, every_n_minutes
+        self._interval = every_n_steps  # periodic writes every this many steps, once known
+        self._clock: list[tuple[float, int]] = []  # (time, global step) after the first batches
         self.requeued = False
         self._signalled = False
         self._stop_signal = 0  # the SIGTERM/SIGINT received, 0 for none
@@ -154,9 +167,23 @@ class ResumeCheckpoint(Callback):
             if requeue:
                 self._requeue(trainer)
                 return
+        if self._interval is None:
+            self._interval = self._measure_interval(trainer)
         step = trainer.global_step
-        if self.every_n_steps and step > 0 and step % self.every_n_steps == 0:
+        if self._interval and step > 0 and step % self._interval == 0:
             self.save(trainer)
+
+    def _measure_interval(self, trainer: Trainer) -> int | None:
+        """Steps per ``every_n_minutes``, from the time of this process's steps 5 to 25
+        (after the first steps' warm-up); None until then."""
+        self._clock.append((time.perf_counter(), trainer.global_step))
+        first, last = TIMED_STEPS
+        if len(self._clock) < last:
+            return None
+        (start, start_step), (end, end_step) = self._clock[first - 1], self._clock[last - 1]
+        per_step = (end - start) / max(end_step - start_step, 1)  # steps, not batches: accumulation
+        interval = max(1, round(60 * self.every_n_minutes / max(per_step, 1e-9)))
+        return int(trainer.strategy.broadcast(interval, src=0))  # once: every rank the same
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # Not after a requeue: Lightning validates once more when told to stop, and the

@@ -141,3 +141,29 @@ def test_an_unfinished_run_is_resumed_only_when_no_live_process_holds_it(tmp_pat
     assert find_unfinished(tmp_path, again) == (3, run / "checkpoints" / "last.ckpt")
     (run / ".running").write_text(f"another-host {os.getpid()}")  # requeued elsewhere: stale
     assert find_unfinished(tmp_path, again) == (3, run / "checkpoints" / "last.ckpt")
+
+
+@pytest.mark.parametrize(("minutes", "periodic"), [(1e-9, True), (10.0, False)])
+def test_the_resume_checkpoint_interval_follows_from_the_time_of_the_first_steps(
+        minutes, periodic, tmp_path, monkeypatch):
+    from lightning import Trainer
+
+    from dgkit.checkpointing import TIMED_STEPS, ResumeCheckpoint
+    from dgkit.data import DomainDataModule
+    from dgkit.data.mnist import RotatedMNIST
+    from dgkit.module import DGModule
+    from dgkit_algorithms import ERM
+
+    saved: list[int] = []
+    monkeypatch.setattr(ResumeCheckpoint, "save", lambda self, trainer: saved.append(trainer.global_step))
+    callback = ResumeCheckpoint(every_n_minutes=minutes)
+    data = DomainDataModule(RotatedMNIST(), batch_size=4)
+    trainer = Trainer(max_steps=40, limit_val_batches=0, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, callbacks=[callback],
+                      default_root_dir=tmp_path)
+    trainer.fit(DGModule(algorithm=ERM, task=data.task, backbone="mlp"), datamodule=data)
+    if periodic:  # a step takes far longer than 1e-9 minutes: a write every step once timed
+        assert callback._interval == 1
+        assert saved == [*range(TIMED_STEPS[1], 41), 40]  # ... and the final one
+    else:  # ten minutes are thousands of these steps: only the final write
+        assert callback._interval > 40 and saved == [40]

@@ -61,6 +61,24 @@ class Seeded(Dataset):
         with seeded(seed):
             return self.data[index]
 
+    def __getitems__(self, keys: list[tuple[int, int]]) -> list:
+        """A batch, each sample under its own seed: as ``__getitem__`` one by one, but the
+        caller's generator saved and restored once per batch, not once per sample."""
+        generator = torch.default_generator
+        saved = generator.get_state()
+        samples = []
+        try:
+            for index, seed in keys:
+                token = _SAMPLE_SEED.set(seed)
+                generator.manual_seed(seed)
+                try:
+                    samples.append(self.data[index])
+                finally:
+                    _SAMPLE_SEED.reset(token)
+        finally:
+            generator.set_state(saved)
+        return samples
+
 
 class ResumableSampler(DistributedSampler):
     """Shuffled (or ordered) indices with per-sample seeds, split across DDP ranks like

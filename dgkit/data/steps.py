@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from torch.utils.data import Dataset, DistributedSampler, default_collate
 
-from dgkit.data.resumable import ResumableSampler
+from dgkit.data.resumable import ResumableSampler, Seeded
 
 Layout = Literal["sources", "sources+unlabeled", "mixed"]
 Key = tuple[int, int]  # (sample index, sample seed)
@@ -77,19 +77,19 @@ class StepSampler(DistributedSampler):
 
 
 class StepData(Dataset):
-    """A step's samples from the keys :class:`StepSampler` drew: each stream's batch
-    collated on its own, arranged as the model reads a training step (``as_batch``):
-    ``[domain batch, ...]``, ``{"sources": [...], "unlabeled": images}`` or
-    ``{"mixed": batch}``."""
+    """A step's samples from the keys :class:`StepSampler` drew: each stream (a
+    :class:`~dgkit.data.resumable.Seeded` dataset) loads and collates its batch on its
+    own, arranged as the model reads a training step (``as_batch``): ``[domain batch,
+    ...]``, ``{"sources": [...], "unlabeled": images}`` or ``{"mixed": batch}``."""
 
-    def __init__(self, streams: Sequence[Dataset], layout: Layout):
+    def __init__(self, streams: Sequence[Seeded], layout: Layout):
         self.streams, self.layout = list(streams), layout
 
     def __len__(self) -> int:
         return sum(len(s) for s in self.streams)  # type: ignore[arg-type]
 
     def __getitem__(self, step: list[list[Key]]) -> Any:
-        batches = [default_collate([stream[key] for key in keys])
+        batches = [default_collate(stream.__getitems__(keys))  # type: ignore[attr-defined]
                    for stream, keys in zip(self.streams, step, strict=True)]
         if self.layout == "mixed":
             return {"mixed": batches[0]}

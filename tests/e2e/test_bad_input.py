@@ -153,6 +153,8 @@ CASES = [
     ("trials beside a grid", _argv("sweep", "--dir", "s", "--algos", "erm", "--test-domains", "75", "--grid",
                                    "model.optimizer.lr=1e-3,1e-4", "--random", "1", "--trials", "2"),
      "--trials K goes with --random N and no --grid (DomainBed's random search)"),
+    ("no time between resume checkpoints", _argv("fit", "--last_checkpoint.every_n_minutes", "0"),
+     "last_checkpoint.every_n_minutes: 0.0 (allowed: > 0 (or --last_checkpoint.every_n_steps 0"),
     ("double backward in fp16", _argv("fit", "--algo", "udim", "--trainer.precision", "16-true",
                                       "--model.backbone", "mlp", *QUIET),
      "trainer.precision: UDIM's double backward is unstable in fp16 (allowed: bf16-mixed, 32)"),
