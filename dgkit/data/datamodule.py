@@ -20,6 +20,7 @@ from lightning import LightningDataModule
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 
 from dgkit.data.base import MultiDomainDataset
+from dgkit.data.evaluation import EvaluationPool, StreamLoader
 from dgkit.data.mnist import RotatedMNIST
 from dgkit.data.resumable import ResumableSampler, Seeded
 from dgkit.data.shifts import FOLDS, MixedShifts, ShiftedDataset, resolve_categories
@@ -113,13 +114,14 @@ class DomainDataModule(LightningDataModule):
             split_seed: seed of the in/out splits; fixed so runs compare on the same data.
             oracle: also evaluate the held-out *out* split of target domains every
                 validation (logged as ``oracle/*``, for test-domain oracle selection).
-            num_workers: DataLoader worker processes per loader: the training loader (one
-                for all source domains and the unlabeled pool: a worker loads a whole step)
-                and each evaluation stream's. Default: none for data sets held in memory as
-                tensors (the embedded MNIST domains, where workers only add copying);
-                otherwise one per CPU core this device's process can spare, up to 8 (image
-                files: decoding and augmentation run there). The training loader keeps its
-                workers between epochs.
+            num_workers: DataLoader worker processes of each of two pools: the training
+                loader's (one for all source domains and the unlabeled pool: a worker loads
+                a whole step) and the evaluation streams' (one for all of them, read one
+                after another). Default: none for data sets held in memory as tensors (the
+                embedded MNIST domains, where workers only add copying); otherwise one per
+                CPU core this device's process can spare, up to 8 (image files: decoding and
+                augmentation run there). Both pools keep their workers between epochs and
+                validations.
             pin_memory: pin host memory for faster copies to the GPU. Default: when
                 training on a GPU.
             shuffle: reshuffle training data every epoch (off: a fixed order, which makes
@@ -304,14 +306,6 @@ class DomainDataModule(LightningDataModule):
         fn = self.dataset.transform(train)
         return data if fn is None else Transformed(data, fn)
 
-    def _loader(self, data: Dataset) -> DataLoader:
-        """An evaluation stream's loader: its samples in order."""
-        # Its own generator: making an iterator draws a worker seed, which would otherwise
-        # come from the global RNG and shift dropout and the like by when evaluations ran.
-        return DataLoader(self._view(data, False), batch_size=self.eval_batch_size,
-                          num_workers=self.workers, pin_memory=self.pins_memory,
-                          generator=torch.Generator().manual_seed(0))
-
     def _training_loader(self, streams: list[tuple[Dataset, int, int]], layout: Layout) -> DataLoader:
         """One loader for every ``(data, batch size, sampler key)`` stream of a step."""
         # Order and augmentation as functions of (seed, epoch, pass, position), never of
@@ -421,18 +415,28 @@ class DomainDataModule(LightningDataModule):
         return {"streams": self.test_stream, "label_shift": self.label_shift,
                 "batch_size": self.eval_batch_size}
 
-    def _eval_loaders(self, stages: list[tuple[str, int]]) -> list[DataLoader]:
+    def _eval_loaders(self, stages: list[tuple[str, int]], shard: bool = True) -> list[StreamLoader]:
+        """One loader per ``(stage, stream)``, all served by one pool of workers; ``shard``:
+        each DDP rank reads its share (for Lightning's loops, which gather the metrics)."""
         data = {stage: self._test_streams() if stage == "test" else self._stream_data(stage)
                 for stage, _ in stages}
-        return [self._loader(data[stage][i]) for stage, i in stages]
+        if not stages:
+            return []
+        trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if shard and trainer is not None else (0, 1)
+        streams = [self._view(data[stage][i], False) for stage, i in stages]
+        return EvaluationPool(streams, self.eval_batch_size, num_workers=self.workers,
+                              pin_memory=self.pins_memory, rank=rank, world=world).loaders
 
-    def val_dataloader(self) -> list[DataLoader]:
+    def val_dataloader(self) -> list[StreamLoader]:
         return self._eval_loaders(self.task.validation_streams)
 
-    def validation_dataloaders(self, stage: str) -> list[DataLoader]:
+    def validation_dataloaders(self, stage: str) -> list[StreamLoader]:
         """The loaders of one validation stage (``val``, ``oracle``, ...), in stream order:
-        what head selection and test-time hyperparameter selection evaluate on."""
-        return self._eval_loaders([(s, i) for s, i in self.task.validation_streams if s == stage])
+        what head selection and test-time hyperparameter selection evaluate on. Not
+        sharded: every rank reads all of it, so what it selects agrees across ranks."""
+        return self._eval_loaders([(s, i) for s, i in self.task.validation_streams if s == stage],
+                                  shard=False)
 
     @property
     def images_per_step(self) -> str:
@@ -443,7 +447,7 @@ class DomainDataModule(LightningDataModule):
         return (f"{self.batch_size} per domain x {domains} domain(s) = {self.batch_size * domains} "
                 "images per step per device")
 
-    def test_dataloader(self) -> list[DataLoader]:
+    def test_dataloader(self) -> list[StreamLoader]:
         return self._eval_loaders([("test", i) for i in range(len(self.task.stages["test"]))])
 
     def source_eval_dataloader(self, include_holdout: bool = True) -> DataLoader:
@@ -460,5 +464,5 @@ class DomainDataModule(LightningDataModule):
                           shuffle=False, num_workers=self.workers, pin_memory=self.pins_memory,
                           generator=torch.Generator())
 
-    def predict_dataloader(self) -> list[DataLoader]:
+    def predict_dataloader(self) -> list[StreamLoader]:
         return self.test_dataloader()
