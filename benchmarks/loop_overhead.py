@@ -69,7 +69,7 @@ def dgkit_steps(backbone: str, batch: int, args: argparse.Namespace) -> list[flo
             "--model.optimizer", "torch.optim.Adam", "--model.optimizer.lr", "1e-3",
             "--model.optimizer.weight_decay", "0", "--trainer.max_steps", str(args.warmup + args.steps + 1),
             "--trainer.accelerator", args.accelerator, "--trainer.precision", args.precision,
-            f"--trainer.callbacks+={json.dumps(clock)}"]
+            f"--trainer.callbacks+={json.dumps(clock)}", *args.dgkit_args]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
         proc = subprocess.run(command, cwd=tmp, env=env, capture_output=True, text=True)
         if proc.returncode != 0:
@@ -138,6 +138,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--accelerator", default="cpu")
     parser.add_argument("--precision", default="32-true")
+    parser.add_argument("--dgkit-args", nargs="*", default=[],
+                        help="more `dgkit fit` arguments (what turning a default off saves), after --")
     args = parser.parse_args()
     if args.domainbed is not None and not (args.domainbed / "domainbed" / "algorithms.py").exists():
         parser.error(f"{args.domainbed} has no domainbed/algorithms.py: pass the root of a checkout")
