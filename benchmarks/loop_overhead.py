@@ -59,22 +59,30 @@ class StepClock(Callback):
         Path(self.path).write_text(json.dumps(gaps))
 
 
-def dgkit_steps(backbone: str, batch: int, args: argparse.Namespace) -> list[float]:
+def fit_with_callback(fit_args: list[str], callback: str) -> object:
+    """Run the installed ``dgkit fit`` with ``callback`` (a class of this folder taking
+    ``path``) added as a user adds one; return what the callback wrote to ``path``."""
     with tempfile.TemporaryDirectory() as tmp:
-        times = Path(tmp) / "steps.json"
-        clock = {"class_path": "loop_overhead.StepClock", "init_args": {"path": str(times)}}
-        command = [
-            str(Path(sys.executable).with_name("dgkit")), "fit", "--algo", "erm", "--data", "rotated_mnist",
-            "--data.test_domains", "[0]", "--data.batch_size", str(batch), "--model.backbone", backbone,
-            "--model.optimizer", "torch.optim.Adam", "--model.optimizer.lr", "1e-3",
-            "--model.optimizer.weight_decay", "0", "--trainer.max_steps", str(args.warmup + args.steps + 1),
-            "--trainer.accelerator", args.accelerator, "--trainer.precision", args.precision,
-            f"--trainer.callbacks+={json.dumps(clock)}", *args.dgkit_args]
+        out = Path(tmp) / "callback.json"
+        spec = {"class_path": callback, "init_args": {"path": str(out)}}
+        command = [str(Path(sys.executable).with_name("dgkit")), "fit", *fit_args,
+                   f"--trainer.callbacks+={json.dumps(spec)}"]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
         proc = subprocess.run(command, cwd=tmp, env=env, capture_output=True, text=True)
         if proc.returncode != 0:
             raise SystemExit(f"dgkit fit failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-        return json.loads(times.read_text())[args.warmup:]
+        return json.loads(out.read_text())
+
+
+def dgkit_steps(backbone: str, batch: int, args: argparse.Namespace) -> list[float]:
+    steps = fit_with_callback([
+        "--algo", "erm", "--data", "rotated_mnist", "--data.test_domains", "[0]",
+        "--data.batch_size", str(batch), "--model.backbone", backbone,
+        "--model.optimizer", "torch.optim.Adam", "--model.optimizer.lr", "1e-3",
+        "--model.optimizer.weight_decay", "0", "--trainer.max_steps", str(args.warmup + args.steps + 1),
+        "--trainer.accelerator", args.accelerator, "--trainer.precision", args.precision,
+        *args.dgkit_args], "loop_overhead.StepClock")
+    return steps[args.warmup:]
 
 
 def bare_steps(backbone: str, batch: int, args: argparse.Namespace) -> list[float]:

@@ -15,16 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
 from lightning import Callback
-
-HERE = Path(__file__).resolve().parent
+from loop_overhead import fit_with_callback
 
 
 class StageClock(Callback):
@@ -50,17 +45,8 @@ class StageClock(Callback):
 
 
 def measure(data: str, epochs: int, extra: list[str]) -> dict:
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "clock.json"
-        clock = {"class_path": "validation_share.StageClock", "init_args": {"path": str(out)}}
-        command = [str(Path(sys.executable).with_name("dgkit")), "fit", "--data", data,
-                   "--trainer.max_epochs", str(epochs), "--trainer.limit_test_batches", "0",
-                   f"--trainer.callbacks+={json.dumps(clock)}", *extra]
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
-        proc = subprocess.run(command, cwd=tmp, env=env, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise SystemExit(f"dgkit fit failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-        return json.loads(out.read_text())
+    return fit_with_callback(["--data", data, "--trainer.max_epochs", str(epochs),
+                              "--trainer.limit_test_batches", "0", *extra], "validation_share.StageClock")
 
 
 def main() -> None:

@@ -418,10 +418,10 @@ class DomainDataModule(LightningDataModule):
     def _eval_loaders(self, stages: list[tuple[str, int]], shard: bool = True) -> list[StreamLoader]:
         """One loader per ``(stage, stream)``, all served by one pool of workers; ``shard``:
         each DDP rank reads its share (for Lightning's loops, which gather the metrics)."""
-        data = {stage: self._test_streams() if stage == "test" else self._stream_data(stage)
-                for stage, _ in stages}
         if not stages:
             return []
+        data = {stage: self._test_streams() if stage == "test" else self._stream_data(stage)
+                for stage, _ in stages}
         trainer = self.trainer
         rank, world = (trainer.global_rank, trainer.world_size) if shard and trainer is not None else (0, 1)
         streams = [self._view(data[stage][i], False) for stage, i in stages]

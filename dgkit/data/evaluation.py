@@ -17,17 +17,12 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
-from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler, Sampler
 
 
 def _share(size: int, rank: int, world: int) -> list[int]:
-    """Rank's indices of ``range(size)`` as ``DistributedSampler(shuffle=False)`` gives them:
-    padded with the first indices to a multiple of the world size, then every world-th."""
-    if world == 1:
-        return list(range(size))
-    total = -(-size // world) * world
-    padded = list(itertools.islice(itertools.cycle(range(size)), total)) if size else []
-    return padded[rank::world]
+    """Rank's indices of ``range(size)``, as Lightning's evaluation sampler gives them."""
+    return list(DistributedSampler(range(size), num_replicas=world, rank=rank, shuffle=False))
 
 
 class StreamBatches(Sampler[list[int]]):

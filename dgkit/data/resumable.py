@@ -15,7 +15,6 @@ it in the checkpoint and hands every sampler its pass and offset.
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
 from collections.abc import Iterator
 
@@ -31,22 +30,6 @@ def sample_seed() -> int | None:
     return _SAMPLE_SEED.get()
 
 
-@contextlib.contextmanager
-def seeded(seed: int):
-    """Run a sample's loading under ``seed`` without disturbing the caller's torch RNG."""
-    token = _SAMPLE_SEED.set(seed)
-    # The CPU generator alone (data loading draws on it): torch.manual_seed would also
-    # visit every accelerator's, at 100x the cost.
-    generator = torch.default_generator
-    saved = generator.get_state()
-    generator.manual_seed(seed)
-    try:
-        yield
-    finally:
-        generator.set_state(saved)
-        _SAMPLE_SEED.reset(token)
-
-
 class Seeded(Dataset):
     """``data`` indexed by ``(index, seed)``: each sample loaded under its own seed."""
 
@@ -57,13 +40,13 @@ class Seeded(Dataset):
         return len(self.data)  # type: ignore[arg-type]
 
     def __getitem__(self, key: tuple[int, int]):
-        index, seed = key
-        with seeded(seed):
-            return self.data[index]
+        return self.__getitems__([key])[0]
 
     def __getitems__(self, keys: list[tuple[int, int]]) -> list:
-        """A batch, each sample under its own seed: as ``__getitem__`` one by one, but the
-        caller's generator saved and restored once per batch, not once per sample."""
+        """Each sample loaded under its own seed, the caller's generator saved and restored
+        once per batch, so that loading leaves the training RNG untouched."""
+        # The CPU generator alone (data loading draws on it): torch.manual_seed would also
+        # visit every accelerator's, at 100x the cost.
         generator = torch.default_generator
         saved = generator.get_state()
         samples = []
