@@ -25,7 +25,7 @@ import yaml
 from lightning import Trainer
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, RichProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -50,6 +50,7 @@ from dgkit.module import DGModule
 from dgkit.noise import quiet_dependencies
 from dgkit.out_of_memory import ExplainOutOfMemory
 from dgkit.plugins import plugin_of, plugins, qualified_name, registry
+from dgkit.progress import ThrottledProgressBar
 from dgkit.reporting import report, save_predictions, test_after_fit
 from dgkit.resume import resume_unfinished
 from dgkit.run_folder import DEFAULT_ROOT, beside_run, follow_root_dir, share_one_folder
@@ -191,7 +192,7 @@ class DGCLI(LightningCLI):
         chosen = [*callbacks, *(config.get("callbacks") or [])]
         if config.get("enable_progress_bar") is not False and not any(
                 isinstance(c, ProgressBar) for c in chosen):
-            callbacks = [*callbacks, RichProgressBar()]
+            callbacks = [*callbacks, ThrottledProgressBar()]
         return super()._instantiate_trainer(config, callbacks)
 
     def after_instantiate_classes(self) -> None:

@@ -2,7 +2,9 @@
 
 A too-large learning rate rarely gives NaN at once: Adam at lr 1e6 trains for an hour at
 losses around 1e14 and ends at chance. The module stops on a non-finite loss; this
-callback stops on a loss that stays far above where it started.
+callback stops on a loss that stays far above where it started. It reads the module's host
+copy of each step's loss (``DGModule.last_loss``, one step late on CUDA), so that it never
+makes the host wait for the device.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ class DivergenceCheck(Callback):
         self.factor, self.patience = factor, patience
         self._start: float | None = None
         self._above = 0
+        self._seen: tuple[float, int] | None = None  # the last reading counted
 
     def state_dict(self) -> dict[str, Any]:  # a resumed run keeps its starting value
         return {"start": self._start, "above": self._above}
@@ -44,10 +47,11 @@ class DivergenceCheck(Callback):
                            batch: Any, batch_idx: int) -> None:
         if not self.factor:
             return
-        value = trainer.callback_metrics.get(LOSS_KEY)
-        if value is None:
+        reading = getattr(pl_module, "last_loss", None)
+        if reading is None or reading is self._seen:  # none yet, or counted at the last batch
             return
-        loss = float(value)
+        self._seen = reading
+        loss, step = reading
         if self._start is None:
             self._start = loss
             return
@@ -57,7 +61,7 @@ class DivergenceCheck(Callback):
         if self._above >= self.patience:
             raise DGKitError(
                 f"training diverged: {LOSS_KEY} has stayed above {self.factor:g}x its starting value "
-                f"({start:.3g}) for {self.patience} steps (now {loss:.3g} at step {trainer.global_step}, "
+                f"({start:.3g}) for {self.patience} steps (now {loss:.3g} at step {step}, "
                 f"lr {_learning_rates(trainer)}). Lower the learning rate "
                 "(--model.optimizer.init_args.lr), clip gradients (--model.clip_grad_norm 1.0), or "
                 "turn this check off with --divergence.factor 0.")

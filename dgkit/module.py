@@ -10,6 +10,7 @@ per-stream metrics are ``dgkit.evaluation``. Data facts reach it through the ``T
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
@@ -28,6 +29,7 @@ from dgkit.errors import ConfigError, DGKitError
 from dgkit.evaluation import LAST, UNADAPTED, StreamMetrics
 from dgkit.explain import algorithm_mismatch
 from dgkit.heads import HeadSelection
+from dgkit.host_scalar import HostScalar, Reading
 from dgkit.networks import Backbone, speed_up
 from dgkit.plugins import qualified_name, registry
 from dgkit.rank_agreement import RankAgreement
@@ -152,6 +154,9 @@ class DGModule(LightningModule):
                                      unadapted=adapts, last=self.averaging is not None)
         #: the open test-time stage while one runs (set by TestTimeAdaptation)
         self.test_time: TestTimeStage | None = None
+        self._host_loss = HostScalar()
+        #: the latest training loss read on the host and its step (one step late on CUDA)
+        self.last_loss: Reading | None = None
         # Made once: Lightning asks configure_callbacks again for every fit/test call, and
         # their state (finished stages, choices made) must outlive each.
         self.components: list[Callback] = [Stages(), HeadSelection(), RankAgreement()]
@@ -235,6 +240,8 @@ class DGModule(LightningModule):
 
     # --- training ---------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # A lagged non-finite loss stops the run before its weights overwrite a checkpoint.
+        self._read_loss(self._host_loss.flush())
         checkpoint["dgkit_rng"] = rng_states()  # dropout and the algorithm's own draws
         checkpoint["dgkit_algorithm"] = qualified_name(type(self.algorithm))
         prefixes = representation_prefixes(self.algorithm)
@@ -258,12 +265,7 @@ class DGModule(LightningModule):
         else:
             out = self.algorithm.training_update(b, self._optimization())
         loss, extras = _split_output(out, type(self.algorithm).__name__)
-        if not torch.isfinite(loss):
-            raise DGKitError(
-                f"{type(self.algorithm).__name__} produced a non-finite loss ({loss.item()}) at "
-                f"step {self.global_step}. Lower the learning rate or enable gradient clipping "
-                "(--model.clip_grad_norm)."
-            )
+        self._read_loss(self._host_loss.push(loss, self.global_step))
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=len(b))
         for key, value in extras.items():
             self.log(f"train/{key}", value.detach() if torch.is_tensor(value) else value,
@@ -273,6 +275,21 @@ class DGModule(LightningModule):
             self._step_schedulers("step")
             return None
         return loss
+
+    def _read_loss(self, reading: Reading | None) -> None:
+        if reading is None:
+            return
+        value, step = reading
+        if not math.isfinite(value):
+            raise DGKitError(
+                f"{type(self.algorithm).__name__} produced a non-finite loss ({value}) at "
+                f"step {step}. Lower the learning rate or enable gradient clipping "
+                "(--model.clip_grad_norm)."
+            )
+        self.last_loss = reading
+
+    def on_train_end(self) -> None:
+        self._read_loss(self._host_loss.flush())  # the last step's, on CUDA
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
