@@ -34,4 +34,21 @@ def test_the_quick_start_prints_the_readmes_figure(tmp_path):
         rows = [" ".join(re.findall(r"[\w.%+-]+", line)) for line in block.splitlines()]
         return [r for r in rows if r]
 
-    assert essentials(shown) == essentials(result.out), result.out
+    # A seeded run is bit-exact on one machine, but a CPU with other vector instructions rounds
+    # its reductions in another order, and 300 steps plus a best-checkpoint pick amplify that
+    # into points (74.92, 75.08 and 77.48 on three machines so far). So the block's layout and
+    # the held-out domain are exact, the figure is within 5 points of the README's, and the
+    # checkpoint the line names exists (its epoch and step follow the same pick).
+    expected, printed = essentials(shown), essentials(result.out)
+    assert [_masked(r) for r in printed] == [_masked(r) for r in expected], result.out
+    assert abs(_figure(printed) - _figure(expected)) < 5.0, result.out
+    checkpoint = result.out[result.out.index("checkpoint: ") + len("checkpoint: "):].split()[0]
+    assert (tmp_path / checkpoint).is_file()
+
+
+def _masked(row: str) -> str:
+    return re.sub(r"best-\d+-\d+", "best-E-S", re.sub(r"^75 \d+\.\d\d$", "75 FIGURE", row))
+
+
+def _figure(rows: list[str]) -> float:
+    return float(next(r for r in rows if _masked(r) == "75 FIGURE").split()[1])
