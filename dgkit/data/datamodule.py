@@ -140,7 +140,8 @@ class DomainDataModule(LightningDataModule):
                 ``dgkit.data.shifts.CATEGORIES``, a fold ``A``/``B``, or ``all``, the
                 default); every source image appears once under each category.
             unlabeled_batch_size: unlabeled images per step (default: ``batch_size`` times
-                the number of source domains, the size of the labelled batch).
+                the number of source domains, the size of the labelled batch, or the whole
+                pool where it is smaller: a held-out domain's validation part may be).
             crafted_validation: crafted-shift validation (Efthymiadis et al.): the source
                 validation images under each of these shift categories (names, a fold
                 ``A``/``B``, or ``all``), one stream per category, logged as
@@ -206,7 +207,7 @@ class DomainDataModule(LightningDataModule):
         self.oracle, self.num_workers, self.pin_memory = oracle, num_workers, pin_memory
         self.shuffle = shuffle
         self.unlabeled = unlabeled
-        self.unlabeled_batch_size = unlabeled_batch_size or batch_size * len(self.source_indices)
+        self.unlabeled_batch_size = unlabeled_batch_size
         self.crafted_validation = resolve_categories(crafted_validation or [], "data.crafted_validation")
         self.crafted_training = resolve_categories(crafted_training or [], "data.crafted_training")
         seen = {f for f, cats in FOLDS.items() if set(cats) & set(self.crafted_training)}
@@ -313,6 +314,10 @@ class DomainDataModule(LightningDataModule):
         # under DDP each rank takes its share, as DistributedSampler(drop_last) does.
         trainer = self.trainer
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        for data, batch_size, key in streams:
+            # A stream without one full batch per device would end every epoch at step 0.
+            if len(data) // world < batch_size:
+                raise self._short_stream(key, len(data) // world, batch_size)
         seed = torch.initial_seed()
         self._sampler = StepSampler([
             ResumableSampler(len(data), batch_size, shuffle=self.shuffle, seed=seed, key=key,
@@ -322,6 +327,15 @@ class DomainDataModule(LightningDataModule):
         return DataLoader(StepData([Seeded(data) for data, _, _ in streams], layout), batch_size=None,
                           sampler=self._sampler, num_workers=workers, pin_memory=self.pins_memory,
                           persistent_workers=workers > 0, generator=torch.Generator().manual_seed(0))
+
+    def _short_stream(self, key: int, size: int, batch_size: int) -> ConfigError:
+        where = " per device" if self.trainer is not None and self.trainer.world_size > 1 else ""
+        if key == UNLABELED_KEY:
+            return ConfigError("data.unlabeled_batch_size", f"{batch_size} is more than the {size} images"
+                               f"{where} of the unlabeled pool ({self.unlabeled})", f"<= {size}")
+        name = "the training data" if self.official else f"source domain {self.dataset.domains[key]!r}"
+        return ConfigError("data.batch_size", f"{batch_size} is more than the {size} training samples"
+                           f"{where} of {name}", f"<= {size}")
 
     @property
     def workers(self) -> int:
@@ -378,8 +392,9 @@ class DomainDataModule(LightningDataModule):
             indices = self.test_indices if self.unlabeled == "target" else self.source_indices
             pool = [self.splits[i][1] for i in indices]
         images = ImagesOnly(self._view(ConcatDataset(pool), False))
-        return self._training_loader([*sources, (images, self.unlabeled_batch_size, UNLABELED_KEY)],
-                                     "sources+unlabeled")
+        per_device = len(images) // (self.trainer.world_size if self.trainer is not None else 1)
+        batch = self.unlabeled_batch_size or min(self.batch_size * len(self.source_indices), per_device)
+        return self._training_loader([*sources, (images, batch, UNLABELED_KEY)], "sources+unlabeled")
 
     def _stream_data(self, stage: str) -> list[Dataset]:
         """The data of every stream of evaluation ``stage`` (``Task.streams`` names them)."""

@@ -136,6 +136,10 @@ CASES = [
     ("truncated last.ckpt of an unfinished run", _unfinished_run, "cannot be resumed"),
     ("divdis without unlabeled data", _argv("fit", "--algo", "divdis", "--data", "colored_mnist"),
      "data.unlabeled: DivDis learns from unlabeled images, and none are given"),
+    ("unlabeled batch larger than its pool",
+     _argv("fit", "--algo", "divdis", "--data.unlabeled", "target", "--data.unlabeled_batch_size", "500"),
+     "data.unlabeled_batch_size: 500 is more than the 167 images of the unlabeled pool (target) "
+     "(allowed: <= 167)"),
     ("no test domains", _argv("fit", "--data.test_domains", "[]"),
      "data.test_domains: is empty: the run would test on nothing"),
     ("unknown test domain", _argv("fit", "--data.test_domains", "[90]"),

@@ -131,6 +131,19 @@ def test_max_steps_decides_unless_the_epochs_are_asked_for_too(tmp_path):
     assert "`Trainer.fit` stopped: `max_epochs=1` reached." in both.text
 
 
+def test_divdis_trains_on_a_target_pool_smaller_than_its_default_batch(tmp_path):
+    """The held-out domain's validation part (167 digits of 75 degrees) is smaller than the
+    default unlabeled batch (5 domains x 64): the batch is the whole pool, and the run trains
+    its steps instead of ending every epoch at step 0."""
+    result = dgkit("fit", "--algo", "divdis", "--data", "rotated_mnist", "--data.unlabeled", "target",
+                   "--trainer.max_steps=20", "--model.backbone=mlp", *QUIET, cwd=tmp_path)
+    assert result.code == 0, result.text[-3000:]
+    assert "`Trainer.fit` stopped: `max_steps=20` reached." in result.text, result.text[-3000:]
+    with open(tmp_path / "runs" / "version_0" / "metrics.csv", newline="") as fh:
+        losses = [r["train/loss"] for r in csv.DictReader(fh) if r.get("train/loss")]
+    assert len(losses) == 2  # logged every 10 steps
+
+
 def test_a_shipped_embedded_config_runs_as_its_header_says(tmp_path):
     config = Path(__file__).parents[2] / "configs" / "embedded" / "colored_mnist" / "coral.yaml"
     assert "dgkit fit --config configs/embedded/colored_mnist/coral.yaml" in config.read_text()
