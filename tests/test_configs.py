@@ -6,6 +6,7 @@ import pytest
 import yaml
 
 from dgkit.cli import main
+from dgkit.plugins import registry
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs").rglob("*.yaml"))
 
@@ -52,10 +53,12 @@ def test_slurm_templates_requeue_and_their_command_parses(path, capsys, monkeypa
     assert printed["trainer"]["num_nodes"] == nodes and printed["trainer"]["strategy"] == "ddp"
 
 
-def test_embedded_configs_cover_both_embedded_data_sets():
+def test_embedded_configs_cover_every_algorithm_on_both_embedded_data_sets():
     rotated = {p.stem for p in CONFIGS if p.parent.name == "rotated_mnist"}
     colored = {p.stem for p in CONFIGS if p.parent.name == "colored_mnist"}
-    assert rotated == colored and {"erm", "sam", "coral", "irm", "miro", "adanpc", "drm"} <= rotated
+    built_in = {entry.alias for entry in registry("algorithm") if entry.distribution == "dgkit"}
+    # ITTA's searched runs log no validation a config could be selected by (an open finding)
+    assert rotated == colored == built_in - {"itta"}
     for path in [p for p in CONFIGS if p.parent.parent.name == "embedded"]:
         text = path.read_text()  # the header records the search it came from and its figures
         assert "# The search: " in text and "held-out" in text
