@@ -329,13 +329,17 @@ class DomainDataModule(LightningDataModule):
                           persistent_workers=workers > 0, generator=torch.Generator().manual_seed(0))
 
     def _short_stream(self, key: int, size: int, batch_size: int) -> ConfigError:
-        where = " per device" if self.trainer is not None and self.trainer.world_size > 1 else ""
+        where = " per device" if self._world_size > 1 else ""
         if key == UNLABELED_KEY:
             return ConfigError("data.unlabeled_batch_size", f"{batch_size} is more than the {size} images"
                                f"{where} of the unlabeled pool ({self.unlabeled})", f"<= {size}")
         name = "the training data" if self.official else f"source domain {self.dataset.domains[key]!r}"
         return ConfigError("data.batch_size", f"{batch_size} is more than the {size} training samples"
                            f"{where} of {name}", f"<= {size}")
+
+    @property
+    def _world_size(self) -> int:
+        return self.trainer.world_size if self.trainer is not None else 1
 
     @property
     def workers(self) -> int:
@@ -392,7 +396,7 @@ class DomainDataModule(LightningDataModule):
             indices = self.test_indices if self.unlabeled == "target" else self.source_indices
             pool = [self.splits[i][1] for i in indices]
         images = ImagesOnly(self._view(ConcatDataset(pool), False))
-        per_device = len(images) // (self.trainer.world_size if self.trainer is not None else 1)
+        per_device = len(images) // self._world_size
         batch = self.unlabeled_batch_size or min(self.batch_size * len(self.source_indices), per_device)
         return self._training_loader([*sources, (images, batch, UNLABELED_KEY)], "sources+unlabeled")
 

@@ -136,6 +136,9 @@ CASES = [
     ("truncated last.ckpt of an unfinished run", _unfinished_run, "cannot be resumed"),
     ("divdis without unlabeled data", _argv("fit", "--algo", "divdis", "--data", "colored_mnist"),
      "data.unlabeled: DivDis learns from unlabeled images, and none are given"),
+    ("batch larger than a source domain",
+     _argv("fit", "--data.batch_size", "1000", "--model.backbone", "mlp"),
+     "data.batch_size: source domain '0' has only 667 training samples (allowed: <= 667)"),
     ("unlabeled batch larger than its pool",
      _argv("fit", "--algo", "divdis", "--data.unlabeled", "target", "--data.unlabeled_batch_size", "500"),
      "data.unlabeled_batch_size: 500 is more than the 167 images of the unlabeled pool (target) "
