@@ -259,4 +259,9 @@ class TestOptimizerState:
     def set_extra_state(self, state: dict) -> None:
         self._test_optimizer = self._new_test_optimizer()
         if state and state.get("test_optimizer", {}).get("state"):
+            # The moments are the checkpoint's; the lr is this run's (a test-time
+            # hyperparameter the command may change), not the one saved with the moments.
+            fresh = [{k: v for k, v in g.items() if k != "params"} for g in self._test_optimizer.param_groups]
             self._test_optimizer.load_state_dict(state["test_optimizer"])
+            for group, settings in zip(self._test_optimizer.param_groups, fresh, strict=True):
+                group.update(settings)

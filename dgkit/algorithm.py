@@ -203,6 +203,10 @@ class Algorithm(nn.Module):
     adapts_at_test: bool = False
     #: ``adapt`` takes gradients, so evaluation must run outside ``torch.inference_mode``.
     needs_grad_at_test: bool = False
+    #: hyperparameters that act only at test time: ``dgkit test/validate/predict --ckpt_path
+    #: ... --model.algorithm.<name> V`` evaluates the checkpoint with V instead of the value
+    #: it was trained with (every other hyperparameter is the checkpoint's own).
+    test_time_hyperparameters: tuple[str, ...] = ()
     #: backpropagates through a gradient of the featurizer (double backward), which
     #: ``torch.compile`` cannot and fp16 makes unstable: both are refused.
     differentiates_twice: bool = False

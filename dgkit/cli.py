@@ -117,9 +117,13 @@ class DGCLI(LightningCLI):
         # and its settings asked for here stay.
         evaluation = {key: self.config[sub].model.get(key) for key in TEST_TIME_KEYS
                       if _asks(self._argv, f"--model.{key}")} if sub else {}
+        hyperparameters = {name: chosen.init_args.get(name) for name in _algorithm_args(self._argv)
+                           } if explicit and chosen.get("init_args") is not None else {}
         super()._parse_ckpt_path()
         for key, value in evaluation.items():
             self.config[sub].model[key] = value
+        if hyperparameters:
+            self._keep_test_time_hyperparameters(sub, hyperparameters)
         if asks_averaging:
             written = self.config[sub].model.get("averaging")
             names = [_class_of(a.class_path) if a else "none" for a in (written, averaging)]
@@ -133,6 +137,27 @@ class DGCLI(LightningCLI):
             wanted = _class_of(chosen.class_path)
             if written != wanted:
                 raise algorithm_mismatch(self.config[sub].ckpt_path, written, wanted, "--algo asks for")
+
+    def _keep_test_time_hyperparameters(self, sub: str, asked: dict[str, Any]) -> None:
+        """The algorithm's test-time hyperparameters asked for on the command line evaluate
+        the checkpoint; a training hyperparameter that differs from the checkpoint's is an
+        error, not silently the checkpoint's."""
+        algorithm = self.config[sub].model.algorithm
+        written = algorithm.get("init_args") or {}
+        module, _, name = algorithm.class_path.rpartition(".")
+        try:
+            test_time = getattr(importlib.import_module(module), name).test_time_hyperparameters
+        except (ImportError, AttributeError):
+            return  # the class mismatch check below says what is wrong
+        for key, value in asked.items():
+            if key in test_time:
+                algorithm.init_args[key] = value
+            elif key in written and written[key] != value:
+                ckpt = self.config[sub].ckpt_path
+                raise ConfigError(f"model.algorithm.{key}", f"{ckpt} was trained with {key} "
+                                  f"{written[key]!r}, which it keeps (asked: {value!r})",
+                                  "its test-time hyperparameters (" + (", ".join(test_time) or "none")
+                                  + "), or a new run without --ckpt_path")
 
     def add_arguments_to_parser(self, parser) -> None:
         # The Task itself, decided once by the data module, not a copy rebuilt from a dict.
@@ -235,6 +260,19 @@ def _asks(argv: Sequence[str], option: str) -> bool:
     """Whether ``argv`` sets ``option`` or one of its own settings (``option.name``)."""
     flags = [a.split("=", 1)[0] for a in argv]
     return any(f == option or f.startswith(option + ".") for f in flags)
+
+
+def _algorithm_args(argv: Sequence[str]) -> list[str]:
+    """The algorithm hyperparameters ``argv`` sets (``--model.algorithm.NAME`` or
+    ``--model.algorithm.init_args.NAME``)."""
+    names = []
+    for flag in (a.split("=", 1)[0] for a in argv):
+        rest = flag.removeprefix("--model.algorithm.")
+        if rest != flag:
+            rest = rest.removeprefix("init_args.")
+            if rest and "." not in rest and rest not in ("help", "class_path", "init_args"):
+                names.append(rest)
+    return names
 
 
 def steps_decide(config: Any, argv: list[str]) -> None:

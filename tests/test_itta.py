@@ -109,3 +109,17 @@ def test_itta_runs_through_the_cli(tmp_path):
           "--trainer.enable_progress_bar", "false"])
     (path,) = tmp_path.glob("runs/*/test_results.json")
     assert "accuracy (no adaptation)" in json.loads(path.read_text())["domains"]["75"]
+
+
+def test_a_checkpoint_s_test_optimizer_takes_this_run_s_test_lr():
+    """The saved moments come back, but the lr is the one this ITTA was built with (a
+    test-time hyperparameter ``dgkit test`` may change), not the one saved beside them."""
+    trained, x = _fresh(), _images(8)
+    with torch.enable_grad():
+        trained.adapt(x)
+    state = trained.state_dict()
+    torch.manual_seed(0)
+    again = ITTA(TASK, Backbone(), test_lr=0.5)
+    again.load_state_dict(state)
+    assert again._test_optimizer.param_groups[0]["lr"] == 0.5
+    assert again._test_optimizer.state_dict()["state"]  # the moments came with it

@@ -26,6 +26,7 @@ class AdaNPC(Wrapper):
     Training, stages and heads are the base's (see ``dgkit.algorithm.Wrapper``)."""
 
     adapts_at_test = True
+    test_time_hyperparameters = ("k", "temperature", "beta", "confidence", "memory_cap")
 
     def __init__(self, task: Task, backbone: Backbone,
                  base: Callable[[Task, Backbone], Algorithm] = ERM, k: int = 100,

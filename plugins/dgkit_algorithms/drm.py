@@ -32,6 +32,10 @@ class DRM(TestOptimizerState, Algorithm):
     """Heads ``0..D-1`` for the source domains, head ``D`` shared; each training sample
     trains its own domain's head and the shared head."""
 
+    # Steering and the heads' online retraining act only on evaluation batches.
+    test_time_hyperparameters = ("selection", "gamma", "beta", "alpha", "test_lr", "steps", "label",
+                                 "legacy_double_softmax")
+
     def __init__(self, task: Task, backbone: Backbone, selection: Steering = "sample",
                  gamma: float = -1.0, beta: float = 1.1, alpha: float = 1.0, test_lr: float = 1e-3,
                  steps: int = 1, label: PseudoLabel = "drm",

@@ -59,6 +59,7 @@ class ITTA(TestOptimizerState, Algorithm):
     differentiates_twice = True  # no torch.compile
     adapts_at_test = True
     needs_grad_at_test = True
+    test_time_hyperparameters = ("test_lr", "test_loss_scale", "test_steps")
 
     def __init__(self, task: Task, backbone: Backbone, consistency_depth: int = 10,
                  adaptive_depth: int = 5, w_lr_scale: float = 0.1, alignment_weight: float = 0.1,

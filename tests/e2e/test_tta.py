@@ -114,3 +114,29 @@ def test_a_label_shifted_scenario_is_stated_and_kept_apart_from_the_plain_test(c
     assert tested["test_time"]["method"] == "lame"
     bad = dgkit("test", "--ckpt_path", str(ckpt), "--data.label_shift", "0", *QUIET, cwd=tmp_path)
     assert bad.code == 2 and "data.label_shift" in bad.error_line()
+
+
+def test_an_algorithms_test_time_hyperparameters_evaluate_its_checkpoint(tmp_path):
+    """``dgkit test --model.algorithm.<test-time name>`` evaluates the checkpoint with the
+    value asked for (DRM's beta below 1 turns its heads' online retraining on); a training
+    hyperparameter that differs from the checkpoint's is one line, not silently dropped."""
+    fitted = dgkit("fit", "--algo=drm", "--data=rotated_mnist", "--data.test_domains=[75]",
+                   "--model.backbone=mlp", "--trainer.max_steps=10", *QUIET, cwd=tmp_path)
+    assert fitted.code == 0, fitted.text[-3000:]
+    run = tmp_path / "runs" / "version_0"
+    assert "accuracy (no adaptation)" not in results(run)["domains"]["75"]  # beta 1.1: selection only
+    ckpt = tmp_path / results(run)["ckpt_path"]
+    tested = dgkit("test", "--ckpt_path", str(ckpt), "--algo=drm", "--model.algorithm.beta=0.5",
+                   "--model.algorithm.test_lr", "0.01", *QUIET, cwd=tmp_path)
+    assert tested.code == 0, tested.text[-3000:]
+    beside = run / f"test-{ckpt.stem}"
+    scores = results(beside)["domains"]["75"]
+    assert scores["accuracy (no adaptation)"] == pytest.approx(results(run)["domains"]["75"]["accuracy"])
+    assert "beta: 0.5" in (beside / "config.yaml").read_text()
+    assert "test_lr: 0.01" in (beside / "config.yaml").read_text()
+    refused = dgkit("test", "--ckpt_path", str(ckpt), "--algo=drm", "--model.algorithm.bank_rows=8",
+                    *QUIET, cwd=tmp_path)
+    assert refused.code == 2
+    line = refused.error_line()
+    assert "model.algorithm.bank_rows:" in line and "was trained with bank_rows 1600" in line
+    assert "test_lr" in line  # the ones that may change
