@@ -25,12 +25,15 @@ import csv
 import io
 import json
 import statistics
+import sys
 from collections import defaultdict
 from pathlib import Path
+from typing import NoReturn
 
 import yaml
 
 from dgkit.cli import main as dgkit
+from dgkit.errors import DGKitError
 from dgkit.report import HELD_OUT, SCORES, Record, load_runs
 
 VALIDATION = SCORES["training-domain validation"]
@@ -89,12 +92,20 @@ def trained_steps(record: Record) -> int:
         return max(int(row["step"]) for row in csv.DictReader(f) if row.get("step"))
 
 
-def scored(runs: list[Record]) -> tuple[float, float, int]:
-    """Mean validation score and held-out accuracy at each run's selected checkpoint."""
+def scored(runs: list[Record]) -> tuple[float, float, int] | None:
+    """Mean validation score and held-out accuracy at each run's selected checkpoint;
+    ``None`` when no run has a validation that knows its held-out accuracy."""
     rows = [r.select(VALIDATION) for r in runs]
     rows = [row for row in rows if row is not None]
+    if not rows:
+        return None
     return (statistics.fmean(row[VALIDATION] for row in rows),
             statistics.fmean(row[HELD_OUT] for row in rows), len(rows))
+
+
+def fail(message: str) -> NoReturn:
+    print(f"embedded_configs.py: {message}", file=sys.stderr)
+    sys.exit(2)
 
 
 def main() -> None:
@@ -111,15 +122,27 @@ def main() -> None:
     # (data set, algorithm) -> setting (its options) -> runs, pooled over the sweep folders
     found: dict[tuple[str, str], dict[tuple[str, ...], list[Record]]] = defaultdict(lambda: defaultdict(list))
     for folder in args.sweeps:
-        for record in load_runs(folder):
+        try:
+            records = load_runs(folder)
+        except DGKitError as exc:
+            fail(str(exc))
+        for record in records:
             if record.variant or (args.algos and record.algorithm not in args.algos):
                 continue
             argv = options(json.loads((record.folder / "run.json").read_text())["argv"])
             dataset = argv[argv.index("--data") + 1]
             found[(dataset, record.algorithm)][tuple(argv)].append(record)
 
+    if not found:
+        fail(f"no finished runs of {', '.join(args.algos or ['any algorithm'])} in "
+             f"{', '.join(map(str, args.sweeps))}; run the searches first (benchmarks/embedded_searches.sh)")
+    missing = []
     for (dataset, algorithm), settings in sorted(found.items()):
-        table = sorted(((scored(runs), argv) for argv, runs in settings.items()), reverse=True)
+        table = sorted(((score, argv) for argv, runs in settings.items()
+                        if (score := scored(runs)) is not None), reverse=True)
+        if not table:
+            missing.append(f"{algorithm} on {dataset}")
+            continue
         (validation, held_out, n), best = table[0]
         runs = settings[best]
         domains = sorted({r.test_domain for r in runs}, key=lambda d: (len(d), d))
@@ -142,6 +165,9 @@ def main() -> None:
         path.write_text("".join(f"# {line}\n" for line in header) + body)
         print(f"{path}: {len(table)} setting(s), validation {100 * validation:.1f}%, "
               f"held-out {100 * held_out:.1f}%")
+    if missing:
+        fail(f"no config for {'; '.join(missing)}: no run has a validation that knows its held-out "
+             "accuracy (rerun the sweep with --data.track_test true)")
 
 
 if __name__ == "__main__":

@@ -1,12 +1,11 @@
 #!/bin/bash
-# The searches behind configs/embedded/{rotated,colored}_mnist/{udim,divdis,dbat}.yaml (and ITTA's, not yet written)
+# The searches behind configs/embedded/{rotated,colored}_mnist/{udim,divdis,dbat,itta}.yaml
 # (the other algorithms' configs come from benchmarks/domainbed_table.py). Each writes
 # sweeps/configs/<data set>/<alias>/...; runs already there are skipped, so a stopped search
 # resumes. Then, per search (its line for the configs' headers):
 #   python benchmarks/embedded_configs.py sweeps/configs/rotated_mnist sweeps/configs/colored_mnist \
 #       --algos udim --search "bash benchmarks/embedded_searches.sh udim (...)"
-# (ITTA: sweeps/claims/itta for Rotated MNIST, whose runs do not track the held-out accuracy at
-# each validation, so its configs are not written yet.)
+# (ITTA: sweeps/claims/itta for Rotated MNIST, the claim's runs, and sweeps/configs/colored_mnist.)
 # Usage: bash benchmarks/embedded_searches.sh udim|diversify|itta ...  (on 2 CPU cores: UDIM's
 # 54 runs about 12 min, DivDis' and D-BAT's 36 about 3 min, ITTA's colored runs the longest)
 set -euo pipefail
