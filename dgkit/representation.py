@@ -10,7 +10,6 @@ featurizers -- the "(cf)" setting of Zhang et al., where only the heads train.
 
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from dgkit.algorithm import Algorithm
+from dgkit.checkpoint_io import read_checkpoint
 from dgkit.errors import ConfigError, DGKitError
 from dgkit.networks import Featurizer
 from dgkit.results import ResultsContributor
@@ -53,16 +53,10 @@ def load_representation(algorithm: Algorithm, path: str | Path, freeze: bool = F
         raise ConfigError("model.init_from", f"no checkpoint at {str(path)!r}",
                           "a .ckpt written by `dgkit fit` (e.g. a Bonsai run's best or last)")
     try:
-        try:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError:
-            # Written from Python with objects in its hyperparameters (functools.partial):
-            # the user's own file, which Lightning would load the same way to resume it.
-            checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-        state = checkpoint["state_dict"]
-    except Exception as exc:
-        raise ConfigError("model.init_from", f"{path} is not a dgkit checkpoint ({exc})",
-                          "a .ckpt written by `dgkit fit`") from None
+        checkpoint = read_checkpoint(path)  # never unpickles code, whoever wrote the file
+    except DGKitError as exc:
+        raise ConfigError("model.init_from", str(exc), "a .ckpt written by `dgkit fit`") from None
+    state = checkpoint["state_dict"]
     prefixes = checkpoint.get(CHECKPOINT_KEY) or DEFAULT_PREFIXES
     featurizer_state = _sub_state(state, prefixes["featurizer"])
     if not featurizer_state:
