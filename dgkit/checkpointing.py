@@ -68,6 +68,17 @@ def held_by_live_process(folder: Path) -> bool:
     return True
 
 
+def remove_partial_checkpoints(folder: Path) -> None:
+    """Delete the temporary files of checkpoint writes that a killed process left (SIGKILL,
+    a node lost, Slurm's time limit mid-write: ``.last.ckpt.<random>.tmp``, as large as the
+    checkpoint); only the run's own process writes in its folder, and it holds the lock."""
+    stale = sorted(folder.glob(".*.ckpt.*.tmp")) if folder.is_dir() else []
+    for path in stale:
+        path.unlink(missing_ok=True)
+    if stale:
+        rank_zero_info(f"removed {len(stale)} partial checkpoint file(s) a killed run left in {folder}")
+
+
 def slurm_job_id() -> str | None:
     """The id ``scontrol requeue`` takes (an array task's own id), or None outside Slurm."""
     array = os.environ.get("SLURM_ARRAY_JOB_ID")
@@ -136,6 +147,7 @@ class ResumeCheckpoint(Callback):
             self._lock = self.folder(trainer).parent / LOCK_FILE
             self._lock.parent.mkdir(parents=True, exist_ok=True)
             self._lock.write_text(f"{socket.gethostname()} {os.getpid()}")
+            remove_partial_checkpoints(self.folder(trainer))
         # Replaces Lightning's SIGTERM handler (which stops without a checkpoint and exits 0)
         # for the time of training; teardown puts the previous handlers back.
         wanted = [*self.stop_signals, *([self.requeue_signal] if slurm_job_id() is not None else [])]

@@ -68,8 +68,12 @@ def test_a_run_killed_mid_epoch_resumes_to_the_same_metrics(uninterrupted, tmp_p
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (tmp_path / "runs/version_0/test_results.json").exists()
+    # What a kill during a checkpoint write leaves beside last.ckpt (dgkit.atomic's temp file).
+    partial = tmp_path / "runs/version_0/checkpoints/.last.ckpt.k1ll3d.tmp"
+    partial.write_bytes(b"PK\x03\x04 half a checkpoint")
     err = _finish(_start(tmp_path))  # the same command again
     assert "resuming the unfinished run runs/version_0" in " ".join(err.split())
+    assert not partial.exists() and "removed 1 partial checkpoint file(s)" in err
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["version_0"]
     domains, metrics = _outcome(tmp_path)
     assert domains == uninterrupted[0]
