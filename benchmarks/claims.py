@@ -122,7 +122,7 @@ def _sharpness(folders: dict[str, Path], seed: int, budget: Budget) -> tuple[flo
     out = []
     for algo in ("erm", "sam"):
         run, results = tested(folders["multi"], algo, "75", seed)
-        checkpoint = run / results["ckpt_path"]
+        checkpoint = (run / results["ckpt_path"]).resolve()  # the test runs in the run folder
         module = DGModule.load_from_checkpoint(checkpoint, map_location="cpu", averaging=None)
         x, y = source_batch(checkpoint)
         out.append(worst_case_sharpness(module.algorithm, x, y, rho=0.05))
@@ -139,7 +139,7 @@ def _itta_like(sweep: str, test_domain: str = "75") -> Callable:
 
 def _itta_rescaled(folders: dict[str, Path], seed: int, budget: Budget) -> tuple[float, float]:
     run, results = tested(folders["itta"], "itta", "75", seed)
-    checkpoint = run / results["ckpt_path"]
+    checkpoint = (run / results["ckpt_path"]).resolve()  # the test runs in the run folder
     rescaled = run / "runs" / "version_0" / f"test-{checkpoint.stem}" / "test_results.json"
     if not rescaled.exists():
         subprocess.run(["dgkit", "test", "--ckpt_path", str(checkpoint), "--algo", "itta",
@@ -162,7 +162,7 @@ def _swad(folders: dict[str, Path], seed: int, budget: Budget) -> tuple[float, f
 
 def _t3a(folders: dict[str, Path], seed: int, budget: Budget) -> tuple[float, float]:
     run, results = tested(folders["multi"], "erm", "75", seed)
-    checkpoint = run / results["ckpt_path"]
+    checkpoint = (run / results["ckpt_path"]).resolve()  # the test runs in the run folder
     adapted = run / "runs" / "version_0" / f"test-{checkpoint.stem}-t3a" / "test_results.json"
     if not adapted.exists():
         subprocess.run(["dgkit", "test", "--ckpt_path", str(checkpoint), "--tta", "t3a", *QUIET],

@@ -266,15 +266,30 @@ class DGModule(LightningModule):
             out = self.algorithm.training_update(b, self._optimization())
         loss, extras = _split_output(out, type(self.algorithm).__name__)
         self._read_loss(self._host_loss.push(loss, self.global_step))
-        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=len(b))
-        for key, value in extras.items():
-            self.log(f"train/{key}", value.detach() if torch.is_tensor(value) else value,
-                     batch_size=len(b))
+        if self._logs_this_batch():
+            self.log("train/loss", loss.detach(), prog_bar=True, batch_size=len(b))
+            for key, value in extras.items():
+                self.log(f"train/{key}", value.detach() if torch.is_tensor(value) else value,
+                         batch_size=len(b))
         if not self.automatic_optimization:
             self._averaging_update(self.global_step - 1)  # the batch's steps are counted
             self._step_schedulers("step")
             return None
         return loss
+
+    def _logs_this_batch(self) -> bool:
+        """Whether the loggers write this batch's step metrics (Lightning's rule: every
+        ``log_every_n_steps`` optimizer steps, counted in batches that step, or when the run
+        stops). Lightning's ``self.log`` moves its stored result to the value's device at every
+        call, a fixed cost of the loop's step that buys nothing on the batches no logger
+        writes; the progress bar shows the host copy of each step's loss instead."""
+        trainer = self.trainer
+        every = trainer.log_every_n_steps
+        if not every:
+            return False
+        stepped = trainer.fit_loop.total_batch_idx // (trainer.accumulate_grad_batches
+                                                       if self.automatic_optimization else 1)
+        return (stepped + 1) % every == 0 or trainer.should_stop
 
     def _read_loss(self, reading: Reading | None) -> None:
         if reading is None:

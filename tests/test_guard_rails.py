@@ -94,8 +94,8 @@ class LossRatio(Callback):
     def __init__(self):
         self.start, self.worst = None, 0.0
 
-    def on_train_batch_end(self, trainer, *args) -> None:
-        loss = float(trainer.callback_metrics["train/loss"])
+    def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+        loss = pl_module.last_loss[0]
         if self.start is None:
             self.start = max(abs(loss), 1.0)
         self.worst = max(self.worst, loss / self.start)

@@ -38,5 +38,33 @@ def test_metrics_are_read_at_the_interval_and_fresh_at_the_end(monkeypatch, inte
         assert reads <= 3, reads  # the first batch, the epoch's end (and the train end)
     else:
         assert reads >= 30, reads  # every batch, as Lightning's own bar
-    shown = bar._read[1]  # what the bar ended on
-    assert shown["train/loss"] == pytest.approx(float(trainer.progress_bar_metrics["train/loss"]))
+    shown = bar.get_metrics(trainer, trainer.lightning_module)  # what the bar ended on
+    assert shown["train/loss"] == trainer.lightning_module.last_loss[0]  # the last step's loss
+    assert trainer.lightning_module.last_loss[1] == 29
+
+
+def test_the_training_loss_is_logged_on_the_steps_the_logger_writes(tmp_path):
+    """The module calls ``self.log`` only on the batches whose step metrics a logger writes;
+    the logger's file holds the same steps and values as when it logged every batch."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    seed_everything(0)
+    data = DomainDataModule(RotatedMNIST(), batch_size=8)
+    model = DGModule(algorithm=ERM, task=data.task, backbone="mlp")
+    logged = []
+    log = model.log
+
+    def counted(name, *args, **kwargs):
+        if name == "train/loss":
+            logged.append(model.trainer.global_step)
+        return log(name, *args, **kwargs)
+
+    model.log = counted
+    trainer = Trainer(max_steps=25, log_every_n_steps=5, limit_val_batches=0, enable_checkpointing=False,
+                      enable_model_summary=False, enable_progress_bar=False,
+                      logger=CSVLogger(tmp_path, name="", version=""))
+    trainer.fit(model, datamodule=data)
+    assert logged == [4, 9, 14, 19, 24]  # the optimizer steps done before each logged batch
+    rows = (tmp_path / "metrics.csv").read_text().splitlines()
+    steps = [int(r.split(",")[1]) for r in rows[1:] if r.split(",")[2]]
+    assert steps == [4, 9, 14, 19, 24]
