@@ -2,7 +2,8 @@
 embedded Rotated MNIST domains, both read at DomainBed's training-domain validation.
 
     python benchmarks/erm_vs_domainbed.py --domainbed /tmp/DomainBed --dir sweeps/vs_domainbed \\
-        [--algos erm coral] [--seeds 0 1 2] [--test-domains 75] [--steps 200] [--checkpoint-freq 50]
+        [--algos erm coral] [--seeds 0 1 2] [--test-domains 75] [--steps 200] [--checkpoint-freq 50] \\
+        [--jobs 2]
 
 DomainBed is not a dependency: its ``domainbed/scripts/train.py`` runs unmodified from the
 checkout, in its own process, with ``domainbed.datasets.RotatedMNIST`` replaced by dgkit's
@@ -15,12 +16,14 @@ domain's accuracy there (DomainBed's ``IIDAccuracySelectionMethod.run_acc``; dgk
 checkpoint, tested). Seed ``s`` is DomainBed's ``--seed s --trial_seed s`` and dgkit's
 ``--seed_everything s --data.split_seed s``: the 80/20 hold-out splits are drawn by each
 library's own rule, so the two sides see the same domains, not the same split. Runs already
-done (their results in ``--dir``) are read, not rerun.
+done (their results in ``--dir``) are read, not rerun. ``--jobs N`` runs N trainings at a
+time, each on its share of the cores (``OMP_NUM_THREADS``); the results do not depend on it.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import math
 import os
@@ -28,6 +31,7 @@ import runpy
 import statistics
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 DOMAINS = ("0", "15", "30", "45", "60", "75")
@@ -56,16 +60,20 @@ def domainbed_train(root: Path, argv: list[str]) -> None:
     runpy.run_path(str(root / "domainbed" / "scripts" / "train.py"), run_name="__main__")
 
 
-def domainbed_accuracy(out: Path) -> float:
-    """Test accuracy at the best training-domain validation (DomainBed's IID selection)."""
+def domainbed_accuracy(out: Path) -> tuple[float, float]:
+    """(test, source validation) accuracy at the best training-domain validation (DomainBed's
+    IID selection)."""
     records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     test = records[0]["args"]["test_envs"][0]
-    best = max(records, key=lambda r: statistics.mean(
-        r[f"env{i}_out_acc"] for i in range(len(DOMAINS)) if i != test))
-    return best[f"env{test}_in_acc"]
+
+    def validation(r: dict) -> float:
+        return statistics.mean(r[f"env{i}_out_acc"] for i in range(len(DOMAINS)) if i != test)
+
+    best = max(records, key=validation)
+    return best[f"env{test}_in_acc"], validation(best)
 
 
-def run_domainbed(args: argparse.Namespace, name: str, domain: str, seed: int) -> float:
+def run_domainbed(args: argparse.Namespace, name: str, domain: str, seed: int) -> tuple[float, float]:
     out = args.dir / "domainbed" / name / domain / f"seed{seed}"
     if not (out / "done").exists():
         argv = ["--data_dir", str(out), "--dataset", "RotatedMNIST", "--algorithm", name,
@@ -73,11 +81,11 @@ def run_domainbed(args: argparse.Namespace, name: str, domain: str, seed: int) -
                 "--checkpoint_freq", str(args.checkpoint_freq), "--seed", str(seed),
                 "--trial_seed", str(seed), "--output_dir", str(out), "--skip_model_save"]
         subprocess.run([sys.executable, __file__, "--domainbed", str(args.domainbed), "--train", *argv],
-                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=args.env)
     return domainbed_accuracy(out)
 
 
-def run_dgkit(args: argparse.Namespace, alias: str, domain: str, seed: int) -> float:
+def run_dgkit(args: argparse.Namespace, alias: str, domain: str, seed: int) -> tuple[float, float]:
     out = args.dir / "dgkit" / alias / domain / f"seed{seed}"
     results = out / "runs" / "version_0" / "test_results.json"
     if not results.exists():
@@ -91,8 +99,10 @@ def run_dgkit(args: argparse.Namespace, alias: str, domain: str, seed: int) -> f
              "--trainer.check_val_every_n_epoch", "null", "--seed_everything", str(seed),
              "--data.split_seed", str(seed), "--trainer.enable_progress_bar", "false",
              "--trainer.enable_model_summary", "false"],
-            cwd=out, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return json.loads(results.read_text())["domains"][domain]["accuracy"]
+            cwd=out, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=args.env)
+    with (results.parent / "metrics.csv").open() as file:  # the CSV logger's, as written
+        validation = max(float(r["val/accuracy"]) for r in csv.DictReader(file) if r["val/accuracy"])
+    return json.loads(results.read_text())["domains"][domain]["accuracy"], validation
 
 
 def mean_se(values: list[float]) -> tuple[float, float]:
@@ -110,6 +120,7 @@ def main() -> None:
     parser.add_argument("--test-domains", nargs="+", default=["75"], choices=DOMAINS)
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--checkpoint-freq", type=int, default=50)
+    parser.add_argument("--jobs", type=int, default=1, help="trainings run at a time")
     parser.add_argument("--train", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if not (args.domainbed / "domainbed" / "scripts" / "train.py").exists():
@@ -120,23 +131,36 @@ def main() -> None:
         return
     if args.dir is None:
         parser.error("--dir is required")
-    os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
+    if args.jobs < 1:
+        parser.error("--jobs must be at least 1")
+    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    args.env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(threads))}
     from dgkit.plugins import registry
 
     print(f"Rotated MNIST (embedded), MNIST CNN, {args.steps} steps, evaluated every "
           f"{args.checkpoint_freq}, seeds {' '.join(map(str, args.seeds))}; held-out accuracy (%) at "
           "training-domain validation, mean ± standard error over seeds")
-    print("| algorithm | held out | dgkit | DomainBed | dgkit - DomainBed | within the seeds' SE |\n"
-          "|---|---|---|---|---|---|")
+    print("| algorithm | held out | dgkit | DomainBed | dgkit - DomainBed | within the seeds' SE | "
+          "source validation dgkit / DomainBed |\n|---|---|---|---|---|---|---|")
+    names = {alias: registry("algorithm").get(alias).obj.__name__ for alias in args.algos}
+    runs = [(alias, domain, seed) for alias in args.algos for domain in args.test_domains
+            for seed in args.seeds]
+    with ThreadPoolExecutor(args.jobs) as pool:  # each training is its own process
+        ours = dict(zip(runs, pool.map(lambda r: run_dgkit(args, *r), runs), strict=True))
+        theirs = dict(zip(runs, pool.map(lambda r: run_domainbed(args, names[r[0]], *r[1:]), runs),
+                          strict=True))
     for alias in args.algos:
-        name = registry("algorithm").get(alias).obj.__name__
+        name = names[alias]
         for domain in args.test_domains:
-            ours = [100 * run_dgkit(args, alias, domain, s) for s in args.seeds]
-            theirs = [100 * run_domainbed(args, name, domain, s) for s in args.seeds]
-            (m1, s1), (m2, s2) = mean_se(ours), mean_se(theirs)
+            ours_ = [100 * ours[alias, domain, s][0] for s in args.seeds]
+            theirs_ = [100 * theirs[alias, domain, s][0] for s in args.seeds]
+            val1 = statistics.mean(100 * ours[alias, domain, s][1] for s in args.seeds)
+            val2 = statistics.mean(100 * theirs[alias, domain, s][1] for s in args.seeds)
+            (m1, s1), (m2, s2) = mean_se(ours_), mean_se(theirs_)
             combined = math.hypot(s1, s2)
             print(f"| {name} | {domain} | {m1:.1f} ± {s1:.1f} | {m2:.1f} ± {s2:.1f} | {m1 - m2:+.1f} | "
-                  f"{'yes' if abs(m1 - m2) <= combined else 'no'} (SE of the difference {combined:.1f}) |",
+                  f"{'yes' if abs(m1 - m2) <= combined else 'no'} (SE of the difference {combined:.1f}) | "
+                  f"{val1:.1f} / {val2:.1f} |",
                   flush=True)
 
 

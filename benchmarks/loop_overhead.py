@@ -14,6 +14,10 @@ Run by hand:
 - **DomainBed**: its ``InfiniteDataLoader`` and ``update()``, timed as its ``train.py``
   times ``step_time`` (``benchmarks/vs_domainbed.py`` runs it); only with the MNIST CNN,
   the network DomainBed builds for MNIST.
+- **Lightning**: Lightning's own loop with nothing of dgkit's: a ``LightningModule`` whose
+  ``training_step`` is the bare loop's, a ``DataLoader`` of the bare loop's minibatches, a
+  ``Trainer`` without logger, checkpointing, progress bar or summary. What dgkit costs over
+  it is dgkit's; what it costs over the bare loop is Lightning's floor.
 - **bare**: the same network as ``nn.Sequential``, minibatches indexed from the training
   tensors already in memory, ``cross_entropy``, ``backward``, ``Adam.step``.
 
@@ -85,7 +89,8 @@ def dgkit_steps(backbone: str, batch: int, args: argparse.Namespace) -> list[flo
     return steps[args.warmup:]
 
 
-def bare_steps(backbone: str, batch: int, args: argparse.Namespace) -> list[float]:
+def _network_and_domains(backbone: str, batch: int, device: str):
+    """dgkit's ERM network as ``nn.Sequential`` and the source domains' training tensors."""
     from lightning import seed_everything
 
     from dgkit.data import DomainDataModule
@@ -96,22 +101,72 @@ def bare_steps(backbone: str, batch: int, args: argparse.Namespace) -> list[floa
     seed_everything(0)
     data = DomainDataModule(RotatedMNIST(), test_domains=["0"], batch_size=batch)
     data.setup("fit")
-    device = "cuda" if args.accelerator != "cpu" and torch.cuda.is_available() else "cpu"
     erm = DGModule(algorithm=ERM, task=data.task, backbone=backbone).algorithm
     net = torch.nn.Sequential(erm.featurizer, erm.classifier).to(device)
-    optimizer = torch.optim.Adam(net.parameters(), lr=1e-3, weight_decay=0.0)
     domains = []
     for i in data.source_indices:
         split = data.splits[i][0]
         samples = [split[j] for j in range(len(split))]
         domains.append((torch.stack([x for x, _ in samples]).to(device),
                         torch.tensor([int(y) for _, y in samples]).to(device)))
+    return net, domains
+
+
+def _minibatch(domains: list, batch: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    picks = [torch.randint(len(y), (batch,), device=device) for _, y in domains]
+    x = torch.cat([xs[p] for (xs, _), p in zip(domains, picks, strict=True)])
+    y = torch.cat([ys[p] for (_, ys), p in zip(domains, picks, strict=True)])
+    return x, y
+
+
+def _device(args: argparse.Namespace) -> str:
+    return "cuda" if args.accelerator != "cpu" and torch.cuda.is_available() else "cpu"
+
+
+def lightning_steps(backbone: str, batch: int, args: argparse.Namespace) -> list[float]:
+    from lightning import LightningModule, Trainer
+    from torch.utils.data import DataLoader, Dataset
+
+    net, domains = _network_and_domains(backbone, batch, "cpu")
+    domains = [(x.to(_device(args)), y.to(_device(args))) for x, y in domains]
+
+    class Minibatches(Dataset):  # the bare loop's draws, one per step
+        def __len__(self) -> int:
+            return args.warmup + args.steps + 1
+
+        def __getitem__(self, index: int):
+            return _minibatch(domains, batch, _device(args))
+
+    class Plain(LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = net
+
+        def training_step(self, step, batch_idx):
+            x, y = step
+            return F.cross_entropy(self.net(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.Adam(self.net.parameters(), lr=1e-3, weight_decay=0.0)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        clock = StepClock(str(Path(tmp) / "steps.json"))
+        trainer = Trainer(accelerator=args.accelerator, devices=1, precision=args.precision,
+                          max_steps=args.warmup + args.steps + 1, logger=False,
+                          enable_checkpointing=False, enable_progress_bar=False,
+                          enable_model_summary=False, callbacks=[clock], default_root_dir=tmp)
+        trainer.fit(Plain(), DataLoader(Minibatches(), batch_size=None))
+        return json.loads((Path(tmp) / "steps.json").read_text())[args.warmup:]
+
+
+def bare_steps(backbone: str, batch: int, args: argparse.Namespace) -> list[float]:
+    device = _device(args)
+    net, domains = _network_and_domains(backbone, batch, device)
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-3, weight_decay=0.0)
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=args.precision.startswith("bf16"))
     times, last = [], time.perf_counter()
     for _ in range(args.warmup + args.steps):
-        picks = [torch.randint(len(y), (batch,), device=device) for _, y in domains]
-        x = torch.cat([xs[p] for (xs, _), p in zip(domains, picks, strict=True)])
-        y = torch.cat([ys[p] for (_, ys), p in zip(domains, picks, strict=True)])
+        x, y = _minibatch(domains, batch, device)
         with autocast:
             loss = F.cross_entropy(net(x), y)
         optimizer.zero_grad()
@@ -155,9 +210,11 @@ def main() -> None:
     rows = []
     for size in args.sizes:
         backbone, batch = size.split(":")[0], int(size.split(":")[1])
-        medians: dict[str, list[float]] = {"dgkit": [], "DomainBed": [], "bare": []}
+        medians: dict[str, list[float]] = {"dgkit": [], "DomainBed": [], "Lightning": [], "bare": []}
+        sides = (("dgkit", dgkit_steps), ("DomainBed", domainbed_steps), ("Lightning", lightning_steps),
+                 ("bare", bare_steps))
         for _ in range(args.rounds):  # alternate, so drifts of the machine hit every side
-            for side, fn in (("dgkit", dgkit_steps), ("DomainBed", domainbed_steps), ("bare", bare_steps)):
+            for side, fn in sides:
                 steps = fn(backbone, batch, args)
                 if steps is not None:
                     medians[side].append(statistics.median(steps))
@@ -168,13 +225,13 @@ def main() -> None:
               else f"CPU, {torch.get_num_threads()} threads")
     print(f"\nERM on Rotated MNIST, 5 source domains, {device}, {args.precision}, "
           f"median of {args.rounds} rounds x {args.steps} steps (ms per step)")
-    print(f"{'network':<10} {'batch':>5} {'dgkit':>8} {'DomainBed':>10} {'bare':>8} {'dgkit-bare':>11} "
-          f"{'dgkit/bare':>11} {'dgkit/DomainBed':>16}")
-    for backbone, batch, ours, theirs, bare in rows:
+    print(f"{'network':<10} {'batch':>5} {'dgkit':>8} {'DomainBed':>10} {'Lightning':>10} {'bare':>8} "
+          f"{'dgkit-bare':>11} {'dgkit-Lightning':>16} {'dgkit/bare':>11} {'dgkit/DomainBed':>16}")
+    for backbone, batch, ours, theirs, plain, bare in rows:
         db = f"{theirs:>10.2f}" if theirs is not None else f"{'-':>10}"
         ratio = f"{ours / theirs:>16.3f}" if theirs is not None else f"{'-':>16}"
-        print(f"{backbone:<10} {batch:>5} {ours:>8.2f} {db} {bare:>8.2f} {ours - bare:>11.2f} "
-              f"{ours / bare:>11.3f} {ratio}")
+        print(f"{backbone:<10} {batch:>5} {ours:>8.2f} {db} {plain:>10.2f} {bare:>8.2f} {ours - bare:>11.2f} "
+              f"{ours - plain:>16.2f} {ours / bare:>11.3f} {ratio}")
 
 
 if __name__ == "__main__":

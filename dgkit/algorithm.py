@@ -30,6 +30,7 @@ Opt-in protocols, each a group of methods with defaults that do nothing:
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -63,12 +64,22 @@ class Batch:
     domain: Tensor
     #: unlabeled images of this step (``--data.unlabeled``), or None
     unlabeled: Tensor | None = None
+    #: the number of samples of each domain index when the samples lie in runs of one
+    #: domain in index order (the per-domain minibatches concatenated), or None
+    domain_sizes: tuple[int, ...] | None = None
 
     def domain_masks(self) -> dict[int, Tensor]:
         """``{domain index: boolean mask of its samples}``, for the domains in the batch, in order."""
+        if self.domain_sizes is not None:  # known on the host: no device sync
+            return {d: self.domain == d for d, n in enumerate(self.domain_sizes) if n}
         return {d: self.domain == d for d in torch.unique(self.domain, sorted=True).tolist()}
 
     def per_domain(self) -> list[tuple[Tensor, Tensor]]:
+        """The DomainBed-style ``[(x, y), ...]`` minibatches, one per domain in the batch."""
+        if self.domain_sizes is not None:  # slices of the runs: no mask indexing, no sync
+            ends = itertools.accumulate(self.domain_sizes)
+            return [(self.x[e - n:e], self.y[e - n:e])
+                    for n, e in zip(self.domain_sizes, ends, strict=True) if n]
         return [(self.x[mask], self.y[mask]) for mask in self.domain_masks().values()]
 
     def __len__(self) -> int:

@@ -10,6 +10,7 @@ per-stream metrics are ``dgkit.evaluation``. Data facts reach it through the ``T
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
@@ -393,12 +394,20 @@ def as_batch(batch: Any) -> Batch:
             x, y, domain = batch["mixed"][:3]
             return Batch(x, y, domain, unlabeled)
         batch = batch["sources"]
-    xs, ys, ds = [], [], []
-    for d, (x, y, *_) in enumerate(batch):
+    xs, ys = [], []
+    for x, y, *_ in batch:
         xs.append(x)
         ys.append(y)
-        ds.append(torch.full((len(y),), d, dtype=torch.long, device=y.device))
-    return Batch(torch.cat(xs), torch.cat(ys), torch.cat(ds), unlabeled)
+    sizes = tuple(len(y) for y in ys)
+    return Batch(torch.cat(xs), torch.cat(ys), _domain_index(sizes, ys[0].device), unlabeled, sizes)
+
+
+@functools.lru_cache(maxsize=16)
+def _domain_index(sizes: tuple[int, ...], device: torch.device) -> Tensor:
+    """Every sample's domain index for per-domain minibatches of these sizes. Cached: the
+    sizes repeat from step to step, and building it is a fixed cost of every step (one
+    small tensor per domain); algorithms read it and never write it."""
+    return torch.cat([torch.full((n,), d, dtype=torch.long) for d, n in enumerate(sizes)]).to(device)
 
 
 def _split_output(out: Any, algo: str) -> tuple[Tensor, dict[str, Any]]:

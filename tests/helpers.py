@@ -39,7 +39,8 @@ def run_cli(argv, capsys=None) -> tuple[int, str, str]:
 
 def train(algorithm_cls, steps: int, *, backbone: str = "mlp", batch_size: int = 16,
           lr: float = 1e-3, data: DomainDataModule | None = None, seed: int = 0,
-          precision: str = "32-true", scheduler: tuple | None = None, **hparams) -> DGModule:
+          precision: str = "32-true", scheduler: tuple | None = None,
+          callbacks: list[Callback] | None = None, **hparams) -> DGModule:
     """Fit ``algorithm_cls`` for ``steps`` steps on Rotated MNIST (no validation, no files)."""
     seed_everything(seed)
     data = data or DomainDataModule(RotatedMNIST(), batch_size=batch_size)
@@ -50,7 +51,8 @@ def train(algorithm_cls, steps: int, *, backbone: str = "mlp", batch_size: int =
                      scheduler_interval="step")
     trainer = Trainer(max_steps=steps, limit_val_batches=0, logger=False,
                       enable_checkpointing=False, enable_progress_bar=False,
-                      enable_model_summary=False, num_sanity_val_steps=0, precision=precision)
+                      enable_model_summary=False, num_sanity_val_steps=0, precision=precision,
+                      callbacks=callbacks)
     trainer.fit(model, datamodule=data)
     return model
 
