@@ -7,7 +7,7 @@ import multiprocessing
 import pytest
 import torch
 from lightning.pytorch.utilities import CombinedLoader
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Subset, TensorDataset
 
 from dgkit.data import DomainDataModule
 from dgkit.data.mnist import RotatedMNIST
@@ -57,6 +57,28 @@ def test_steps_are_those_of_one_loader_per_stream(rank, world):
         expected = _flat(batch for batch, _, _ in combined)
         assert len(loader) == len(expected) == max(s.batches_per_pass for s in reference_samplers)
         assert _flat(loader) == expected
+
+
+def test_in_memory_streams_are_gathered_as_the_per_sample_loader_collates_them():
+    # Tensors seen through two Subset views (a domain's training split of an embedded data
+    # set), and a bare TensorDataset: one indexing per tensor instead of a loop per sample.
+    base = TensorDataset(torch.randn(60, 2, 3), torch.arange(60))
+    data = [Subset(Subset(base, list(range(5, 55))), list(range(40, 0, -1))),
+            TensorDataset(torch.randn(23, 4), torch.arange(23) * 2)]
+    assert all(Seeded(d).gather([(0, 0)]) is not None for d in data)
+    assert Seeded(_streams()[0][0]).gather([(0, 0)]) is None  # its loading draws: per sample
+    batch_sizes = (4, 6)
+    combined, reference_samplers = _per_stream_loader(data, batch_sizes)
+    sampler = StepSampler(_samplers([len(d) for d in data], batch_sizes))
+    loader = DataLoader(StepData([Seeded(d) for d in data], "sources"), batch_size=None, sampler=sampler)
+    for s in [*reference_samplers, sampler]:
+        s.set_epoch(1)
+    expected = [batch for batch, _, _ in combined]
+    steps = list(loader)
+    assert len(steps) == len(expected) == 10
+    for step, reference in zip(steps, expected, strict=True):
+        for (x, y), (x_ref, y_ref) in zip(step, reference, strict=True):
+            assert torch.equal(x, x_ref) and torch.equal(y, y_ref) and y.dtype == y_ref.dtype
 
 
 def test_resumed_steps_continue_where_the_run_stopped():

@@ -89,10 +89,14 @@ class StepData(Dataset):
         return sum(len(s) for s in self.streams)  # type: ignore[arg-type]
 
     def __getitem__(self, step: list[list[Key]]) -> Any:
-        batches = [default_collate(stream.__getitems__(keys))  # type: ignore[attr-defined]
-                   for stream, keys in zip(self.streams, step, strict=True)]
+        batches = [_collated(stream, keys) for stream, keys in zip(self.streams, step, strict=True)]
         if self.layout == "mixed":
             return {"mixed": batches[0]}
         if self.layout == "sources+unlabeled":
             return {"sources": batches[:-1], "unlabeled": batches[-1]}
         return batches
+
+
+def _collated(stream: Seeded, keys: list[Key]) -> Any:
+    gathered = stream.gather(keys)  # in-memory tensors: one indexing, no loop per sample
+    return gathered if gathered is not None else default_collate(stream.__getitems__(keys))
