@@ -15,9 +15,10 @@ tested on the other five (single-source), or trained on 0-30 and tested on 45-75
 drift); Colored MNIST with -90% held out (Bonsai; DivDis and D-BAT with a 50% domain as their
 unlabeled pool); Styled MNIST with the noisy digits held out (crafted-shift validation, three
 learning rates). The claims but ITTA's take about 3.5 hours on 2 CPU cores, most of it UDIM's
-second-order steps (the zoo's five, CORAL, Mixup, GroupDRO, IRM and V-REx, about 5 minutes); ITTA's three runs at 16 images per domain are not timed yet (at 64, one of
-its steps took about 10 s). ``--quick``: 2 seeds, 12 steps, 2 validation and test batches, a
-smoke run of the whole pipeline whose figures mean nothing.
+second-order steps (the zoo's five, CORAL, Mixup, GroupDRO, IRM and V-REx: about 5 minutes);
+ITTA's three claims at 16 images per domain took 68 minutes. ``--quick``: 2 seeds, 12
+steps, 2 validation and test batches, a smoke run of the whole pipeline whose figures mean
+nothing.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@ embedded Rotated MNIST domains, both read at DomainBed's training-domain validat
 
     python benchmarks/erm_vs_domainbed.py --domainbed /tmp/DomainBed --dir sweeps/vs_domainbed \\
         [--algos erm coral] [--seeds 0 1 2] [--test-domains 75] [--steps 200] [--checkpoint-freq 50] \\
-        [--jobs 2]
+        [--jobs 2] [--domainbed-sampling without-replacement]
 
 DomainBed is not a dependency: its ``domainbed/scripts/train.py`` runs unmodified from the
 checkout, in its own process, with ``domainbed.datasets.RotatedMNIST`` replaced by dgkit's
@@ -17,7 +17,12 @@ checkpoint, tested). Seed ``s`` is DomainBed's ``--seed s --trial_seed s`` and d
 ``--seed_everything s --data.split_seed s``: the 80/20 hold-out splits are drawn by each
 library's own rule, so the two sides see the same domains, not the same split. Runs already
 done (their results in ``--dir``) are read, not rerun. ``--jobs N`` runs N trainings at a
-time, each on its share of the cores (``OMP_NUM_THREADS``); the results do not depend on it.
+time, each on its share of the cores (``OMP_NUM_THREADS``). ``--domainbed-sampling
+without-replacement`` gives DomainBed's training loaders its own
+``InfiniteDataLoaderWithoutReplacement``, which walks each domain in passes as dgkit does
+(its ``train.py`` draws with replacement): the one difference of the two loops left after
+the same network, data, batch, optimizer and update (the step is a plain Adam step on the
+concatenated minibatches on both sides, ``tests/test_training_step.py``).
 """
 
 from __future__ import annotations
@@ -37,10 +42,13 @@ from pathlib import Path
 DOMAINS = ("0", "15", "30", "45", "60", "75")
 
 
-def domainbed_train(root: Path, argv: list[str]) -> None:
-    """DomainBed's train.py as ``__main__``, on dgkit's embedded domains (this process only)."""
+def domainbed_train(root: Path, argv: list[str], without_replacement: bool = False) -> None:
+    """DomainBed's train.py as ``__main__``, on dgkit's embedded domains (this process only);
+    ``without_replacement``: its training loaders are DomainBed's own
+    ``InfiniteDataLoaderWithoutReplacement`` (passes over each domain, as dgkit samples)."""
     sys.path.insert(0, str(root))
     from domainbed import datasets
+    from domainbed.lib import fast_data_loader
     from torch.utils.data import TensorDataset
 
     from dgkit.data.mnist import RotatedMNIST
@@ -56,6 +64,8 @@ def domainbed_train(root: Path, argv: list[str]) -> None:
             self.input_shape, self.num_classes = (1, 28, 28), 10
 
     datasets.RotatedMNIST = EmbeddedRotatedMNIST  # the name keeps DomainBed's small-image defaults
+    if without_replacement:  # train.py imports the name when it runs, after this
+        fast_data_loader.InfiniteDataLoader = fast_data_loader.InfiniteDataLoaderWithoutReplacement
     sys.argv = ["train.py", *argv]
     runpy.run_path(str(root / "domainbed" / "scripts" / "train.py"), run_name="__main__")
 
@@ -74,13 +84,15 @@ def domainbed_accuracy(out: Path) -> tuple[float, float]:
 
 
 def run_domainbed(args: argparse.Namespace, name: str, domain: str, seed: int) -> tuple[float, float]:
-    out = args.dir / "domainbed" / name / domain / f"seed{seed}"
+    side = "domainbed" if args.domainbed_sampling == "with-replacement" else "domainbed-without-replacement"
+    out = args.dir / side / name / domain / f"seed{seed}"
     if not (out / "done").exists():
         argv = ["--data_dir", str(out), "--dataset", "RotatedMNIST", "--algorithm", name,
                 "--test_envs", str(DOMAINS.index(domain)), "--steps", str(args.steps),
                 "--checkpoint_freq", str(args.checkpoint_freq), "--seed", str(seed),
                 "--trial_seed", str(seed), "--output_dir", str(out), "--skip_model_save"]
-        subprocess.run([sys.executable, __file__, "--domainbed", str(args.domainbed), "--train", *argv],
+        subprocess.run([sys.executable, __file__, "--domainbed", str(args.domainbed),
+                        "--domainbed-sampling", args.domainbed_sampling, "--train", *argv],
                        check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=args.env)
     return domainbed_accuracy(out)
 
@@ -121,12 +133,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--checkpoint-freq", type=int, default=50)
     parser.add_argument("--jobs", type=int, default=1, help="trainings run at a time")
+    parser.add_argument("--domainbed-sampling", choices=["with-replacement", "without-replacement"],
+                        default="with-replacement",
+                        help="DomainBed's training loaders: its train.py's InfiniteDataLoader (with "
+                        "replacement) or its InfiniteDataLoaderWithoutReplacement (dgkit's passes)")
     parser.add_argument("--train", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if not (args.domainbed / "domainbed" / "scripts" / "train.py").exists():
         parser.error(f"{args.domainbed} has no domainbed/scripts/train.py: pass the root of a checkout")
     if args.train is not None:  # the child process: DomainBed's script itself
-        domainbed_train(args.domainbed, args.train)
+        domainbed_train(args.domainbed, args.train, args.domainbed_sampling == "without-replacement")
         (Path(args.train[args.train.index("--output_dir") + 1]) / "done").touch()
         return
     if args.dir is None:
@@ -138,8 +154,9 @@ def main() -> None:
     from dgkit.plugins import registry
 
     print(f"Rotated MNIST (embedded), MNIST CNN, {args.steps} steps, evaluated every "
-          f"{args.checkpoint_freq}, seeds {' '.join(map(str, args.seeds))}; held-out accuracy (%) at "
-          "training-domain validation, mean ± standard error over seeds")
+          f"{args.checkpoint_freq}, seeds {' '.join(map(str, args.seeds))}, DomainBed sampling "
+          f"{args.domainbed_sampling}; held-out accuracy (%) at training-domain validation, mean ± "
+          "standard error over seeds")
     print("| algorithm | held out | dgkit | DomainBed | dgkit - DomainBed | within the seeds' SE | "
           "source validation dgkit / DomainBed |\n|---|---|---|---|---|---|---|")
     names = {alias: registry("algorithm").get(alias).obj.__name__ for alias in args.algos}
